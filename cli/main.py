@@ -1,0 +1,158 @@
+"""`onnx-esvd` commands. Each body parses options, calls one library function and prints.
+
+The library (numpy, scipy, onnx, onnxruntime) is imported inside the commands, so `--help` and
+argument errors stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import handled
+
+app = typer.Typer(
+    name="onnx-esvd",
+    help="Repair statistical-parity gaps in ONNX regression models by rewriting their weights "
+         "(explainable SVD). The repaired model needs no sensitive attribute at inference.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Reusable option types -------------------------------------------------------------------------
+
+ModelArg = Annotated[Path, typer.Argument(help="The ONNX model file.", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
+DataOpt = Annotated[Path, typer.Option("--data", help="Calibration data: CSV with a header line, or .npz.",
+                                       show_default=False)]
+GroupOpt = Annotated[str, typer.Option("--group", help="Column holding the sensitive attribute.",
+                                       show_default=False)]
+GroupsOpt = Annotated[Optional[str], typer.Option(
+    "--groups", metavar="A,B", help="The two values of the group column to compare (needed when it has more "
+                                    "than two; other rows are skipped).")]
+TargetOpt = Annotated[Optional[str], typer.Option(
+    "--target", help="Label column: enables MSE/MAE and the label-based refit.")]
+FeaturesOpt = Annotated[Optional[str], typer.Option(
+    "--features", metavar="COL,...", help="Feature columns in model order (default: every column but the group "
+                                          "and target columns, in file order).")]
+
+
+def _split(text: Optional[str]) -> Optional[list[str]]:
+    if text is None:
+        return None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from onnx_esvd._version import __version__
+
+        typer.echo(f"onnx-esvd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Repair statistical-parity gaps in ONNX regression models (explainable SVD)."""
+
+
+@app.command()
+def layers(model: ModelArg, json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """List the repairable linear nodes (Gemm, MatMul with a constant weight) in graph order."""
+    with handled(debug):
+        from onnx_esvd import list_layers
+
+        from .report import layers_table
+
+        found = list_layers(model)
+        if json_out:
+            typer.echo(json.dumps({
+                "model": str(model),
+                "layers": [layer.to_dict() for layer in found.layers],
+                "refused": [{"name": name, "reason": reason} for name, reason in found.refused.items()],
+            }, indent=2))
+        else:
+            if not found.layers:
+                typer.echo("no repairable linear node (Gemm or MatMul with a constant 2-D weight)")
+            typer.echo(layers_table(found))
+
+
+@app.command()
+def repair(
+    model: ModelArg,
+    layer: Annotated[str, typer.Option("--layer", help="Index from `onnx-esvd layers` (negative counts from "
+                                                       "the end: -2 is the second-last) or node name.",
+                                       show_default=False)],
+    data: DataOpt,
+    group: GroupOpt,
+    groups: GroupsOpt = None,
+    target: TargetOpt = None,
+    features: FeaturesOpt = None,
+    c1: Annotated[float, typer.Option("--c1", help="First-moment shrink: divide the mean-gap bound by c1 "
+                                                   "(1 skips).")] = 15.0,
+    c2: Annotated[float, typer.Option("--c2", help="Second-moment shrink: divide the covariance-gap bound by "
+                                                   "c2 (1 skips).")] = 150.0,
+    eps: Annotated[float, typer.Option("--eps", help="Ridge of delta delta^T + eps I in the first-moment "
+                                                     "step.")] = 1e-5,
+    refit: Annotated[str, typer.Option("--refit", help="Refit of the final node: fair (keeps output mean "
+                                                       "parity), plain (least squares), none.")] = "fair",
+    ridge: Annotated[str, typer.Option("--ridge", metavar="auto|FLOAT", help="Ridge term of the refit, or "
+                                                                             "'auto' to choose it on held-out "
+                                                                             "fit rows.")] = "auto",
+    holdout: Annotated[float, typer.Option("--holdout", help="Share of rows kept out of the fit to measure "
+                                                             "before/after (0: fit and report on all).")] = 0.2,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the holdout and ridge splits.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per onnxruntime run.")] = 4096,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (default: MODEL stem + "
+                                                                          ".esvd.onnx next to MODEL).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Patch one linear layer with the explainable-SVD correction, refit the final node, write a new model."""
+    with handled(debug):
+        from onnx_esvd import OptionError, default_output_path
+        from onnx_esvd import repair as run_repair
+        from onnx_esvd.modelio import check_output_path
+
+        from .report import repair_report
+
+        out = output if output is not None else default_output_path(model)
+        check_output_path(out, inputs=(model, data), force=force)
+        if refit not in ("fair", "plain", "none"):
+            raise OptionError(f"--refit {refit!r} is invalid; choose fair, plain or none")
+        ridge_value: float | str = "auto"
+        if ridge.strip().lower() != "auto":
+            try:
+                ridge_value = float(ridge)
+            except ValueError:
+                raise OptionError(f"--ridge {ridge!r} is invalid; give 'auto' or a number >= 0") from None
+        result = run_repair(
+            model, data, layer=layer, group=group, groups=_split(groups), target=target,
+            features=_split(features), c1=c1, c2=c2, eps=eps, refit=refit, ridge=ridge_value,  # type: ignore[arg-type]
+            holdout=holdout, seed=seed, batch_size=batch_size,
+        )
+        written = result.save(out, force=force, source=model)
+        if json_out:
+            typer.echo(json.dumps({"model": str(model), "output": str(written), **result.to_dict()}, indent=2))
+        else:
+            typer.echo(repair_report(result, str(model), str(written)))
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run())

@@ -1,0 +1,88 @@
+"""Human-readable tables for the commands (plain text, no colours: they go into CI logs too)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
+    """A plain aligned text table; columns listed in `right` are right-aligned."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[j]) for r in cells) for j in range(len(headers))]
+    lines = []
+    for i, r in enumerate(cells):
+        parts = [c.rjust(widths[j]) if j in right else c.ljust(widths[j]) for j, c in enumerate(r)]
+        lines.append("  ".join(parts).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def num(value: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if value != value:  # NaN
+        return "nan"
+    if value != 0 and (abs(value) < 10 ** -(digits - 1) or abs(value) >= 10**6):
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{digits}f}"
+
+
+def change(before: float | None, after: float | None) -> str:
+    if before is None or after is None or before != before or after != after or before == 0:
+        return ""
+    return f"{(after - before) / abs(before) * 100:+.1f}%"
+
+
+def layers_table(found: Any) -> str:
+    rows = [(lay.index, lay.name, lay.op, lay.weight, f"[{lay.in_features} -> {lay.out_features}]",
+             lay.dtype.name, lay.input, "final" if lay.is_final else "") for lay in found.layers]
+    text = table(["#", "node", "op", "weight", "shape", "dtype", "input", ""], rows, right=(0,))
+    if found.refused:
+        text += "\n\nnot repairable:\n" + "\n".join(f"  {reason}" for reason in found.refused.values())
+    return text
+
+
+def repair_report(res: Any, model_path: str, output: str | None) -> str:
+    """The before/after table of `repair`."""
+    lay, b, a = res.layer, res.before, res.after
+    g0, g1 = res.groups
+    lines = [
+        f"layer     {lay.index} '{lay.name}' ({lay.op}, {lay.in_features} -> {lay.out_features}) of {model_path}",
+        f"groups    {g0!r} (n={b.groups[0].count}) vs {g1!r} (n={b.groups[1].count}) in column "
+        f"'{res.data.group}'",
+        f"rows      {res.rows.total} read, {res.rows.skipped} of other groups skipped, {res.rows.fit} used to fit",
+        f"esvd      c2={_g(res.options.c2)} (second moment), c1={_g(res.options.c1)} (first moment), "
+        f"eps={_g(res.options.eps)}",
+    ]
+    if res.refit is not None:
+        lines.append(f"refit     {res.refit.mode} on '{res.final.name}', {res.refit.target} target, "
+                     f"ridge {_g(res.refit.alpha)} ({res.refit.alpha_source})")
+    else:
+        lines.append(f"refit     {res.refit_note}")
+    if res.report_rows == "holdout":
+        lines.append(f"measured on {b.rows} holdout rows the fit did not use (--holdout {_g(res.options.holdout)})")
+    else:
+        lines.append(f"measured on the {b.rows} rows the fit used (--holdout 0): expect the held-out gap to be larger")
+    lines.append("")
+    rows = [("KS", num(b.ks), num(a.ks), change(b.ks, a.ks)),
+            ("mean gap", num(b.mean_gap), num(a.mean_gap), change(b.mean_gap, a.mean_gap))]
+    if b.mse is not None:
+        rows += [("MSE", num(b.mse), num(a.mse), change(b.mse, a.mse)),
+                 ("MAE", num(b.mae), num(a.mae), change(b.mae, a.mae))]
+    for gb, ga in zip(b.groups, a.groups):
+        rows += [(f"mean {gb.label}", num(gb.mean), num(ga.mean), ""),
+                 (f"std {gb.label}", num(gb.std), num(ga.std), "")]
+        if gb.mse is not None:
+            rows.append((f"MSE {gb.label}", num(gb.mse), num(ga.mse), change(gb.mse, ga.mse)))
+    lines.append(table(["metric", "before", "after", "change"], rows, right=(1, 2, 3)))
+    for note in res.warnings:
+        lines.append(f"warning: {note}")
+    if output:
+        lines.append("")
+        lines.append(f"wrote {output}")
+    return "\n".join(lines)
+
+
+def _g(v: float) -> str:
+    return f"{v:g}"

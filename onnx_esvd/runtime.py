@@ -1,0 +1,70 @@
+"""onnxruntime on the CPU: sessions over (augmented) models, run batch by batch."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from .errors import ModelError
+
+# Protobuf cannot serialise a model past 2 GiB; leave room for the graph itself.
+_INLINE_LIMIT = 2**31 - 2**26
+
+
+class Runner:
+    """An onnxruntime CPU session that returns the requested tensors.
+
+    Tensors that are graph inputs are returned from the feed itself, since onnxruntime does not
+    output a graph input. `optimize=False` turns graph optimisation off, as capture requires.
+    """
+
+    def __init__(self, model: onnx.ModelProto, outputs: Sequence[str], *, optimize: bool = False) -> None:
+        import onnxruntime as ort
+
+        feed_names = {i.name for i in model.graph.input}
+        self.outputs = list(outputs)
+        self._from_feed = [n for n in self.outputs if n in feed_names]
+        self._fetch = [n for n in self.outputs if n not in feed_names]
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        opts.log_severity_level = 3
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        try:
+            if model.ByteSize() < _INLINE_LIMIT:
+                self.session = ort.InferenceSession(model.SerializeToString(), opts,
+                                                    providers=["CPUExecutionProvider"])
+            else:
+                self._tmp = tempfile.TemporaryDirectory(prefix="onnx-esvd-")
+                path = os.path.join(self._tmp.name, "model.onnx")
+                onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                          location="model.onnx.data")
+                self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ModelError(f"onnxruntime {ort.__version__} cannot load the model: {_first_line(exc)}") from exc
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch; returns {name: array} for every requested tensor."""
+        try:
+            values = self.session.run(self._fetch, dict(feeds)) if self._fetch else []
+        except Exception as exc:
+            raise ModelError(f"onnxruntime failed to run the model: {_first_line(exc)}") from exc
+        out = dict(zip(self._fetch, values))
+        for name in self._from_feed:
+            out[name] = feeds[name]
+        return out
+
+    def close(self) -> None:
+        self.session = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
