@@ -6,7 +6,6 @@ argument errors stay fast.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -71,12 +70,13 @@ def layers(model: ModelArg, json_out: JsonOpt = False, debug: DebugOpt = False) 
     """List the repairable linear nodes (Gemm, MatMul with a constant weight) in graph order."""
     with handled(debug):
         from onnx_esvd import list_layers
+        from onnx_esvd._json import dumps
 
         from .report import layers_table
 
         found = list_layers(model)
         if json_out:
-            typer.echo(json.dumps({
+            typer.echo(dumps({
                 "model": str(model),
                 "layers": [layer.to_dict() for layer in found.layers],
                 "refused": [{"name": name, "reason": reason} for name, reason in found.refused.items()],
@@ -123,6 +123,7 @@ def repair(
     with handled(debug):
         from onnx_esvd import OptionError, default_output_path
         from onnx_esvd import repair as run_repair
+        from onnx_esvd._json import dumps
         from onnx_esvd.modelio import check_output_path
 
         from .report import repair_report
@@ -144,7 +145,7 @@ def repair(
         )
         written = result.save(out, force=force, source=model)
         if json_out:
-            typer.echo(json.dumps({"model": str(model), "output": str(written), **result.to_dict()}, indent=2))
+            typer.echo(dumps({"model": str(model), "output": str(written), **result.to_dict()}, indent=2))
         else:
             typer.echo(repair_report(result, str(model), str(written)))
 

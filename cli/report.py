@@ -37,7 +37,7 @@ def change(before: float | None, after: float | None) -> str:
 def layers_table(found: Any) -> str:
     rows = [(lay.index, lay.name, lay.op, lay.weight, f"[{lay.in_features} -> {lay.out_features}]",
              lay.dtype.name, lay.input, "final" if lay.is_final else "") for lay in found.layers]
-    text = table(["#", "node", "op", "weight", "shape", "dtype", "input", ""], rows, right=(0,))
+    text = table(["#", "node", "op", "weight", "shape", "dtype", "input", "role"], rows, right=(0,))
     if found.refused:
         text += "\n\nnot repairable:\n" + "\n".join(f"  {reason}" for reason in found.refused.values())
     return text
@@ -49,8 +49,7 @@ def repair_report(res: Any, model_path: str, output: str | None) -> str:
     g0, g1 = res.groups
     lines = [
         f"layer     {lay.index} '{lay.name}' ({lay.op}, {lay.in_features} -> {lay.out_features}) of {model_path}",
-        f"groups    {g0!r} (n={b.groups[0].count}) vs {g1!r} (n={b.groups[1].count}) in column "
-        f"'{res.data.group}'",
+        f"groups    {g0!r} (group 0) vs {g1!r} (group 1) in column '{res.data.group}'",
         f"rows      {res.rows.total} read, {res.rows.skipped} of other groups skipped, {res.rows.fit} used to fit",
         f"esvd      c2={_g(res.options.c2)} (second moment), c1={_g(res.options.c1)} (first moment), "
         f"eps={_g(res.options.eps)}",
@@ -71,7 +70,7 @@ def repair_report(res: Any, model_path: str, output: str | None) -> str:
         rows += [("MSE", num(b.mse), num(a.mse), change(b.mse, a.mse)),
                  ("MAE", num(b.mae), num(a.mae), change(b.mae, a.mae))]
     for gb, ga in zip(b.groups, a.groups):
-        rows += [(f"mean {gb.label}", num(gb.mean), num(ga.mean), ""),
+        rows += [(f"rows {gb.label}", str(gb.count), str(ga.count), ""),(f"mean {gb.label}", num(gb.mean), num(ga.mean), ""),
                  (f"std {gb.label}", num(gb.std), num(ga.std), "")]
         if gb.mse is not None:
             rows.append((f"MSE {gb.label}", num(gb.mse), num(ga.mse), change(gb.mse, ga.mse)))

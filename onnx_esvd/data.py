@@ -29,11 +29,13 @@ class Batch:
         start: index of the first row in the whole data (0-based).
         values: [n, k] float64, the requested numeric columns in the requested order.
         labels: [n] str, the group label of each row (None when no label column was asked for).
+        lines: [n] file line number of each row (CSV only; messages name lines, not rows).
     """
 
     start: int
     values: np.ndarray
     labels: np.ndarray | None
+    lines: np.ndarray | None = None  # [n] file line numbers (CSV), used in messages
 
 
 @runtime_checkable
@@ -81,12 +83,13 @@ def _expand(name: str, arr: np.ndarray) -> list[str]:
     return [f"{name}_{j}" for j in range(arr.shape[1])]
 
 
-def _check_finite(values: np.ndarray, columns: Sequence[str], where: str, start: int, row_offset: int) -> None:
-    bad = ~np.isfinite(values)
+def _check_finite(batch: Batch, columns: Sequence[str], where: str) -> None:
+    bad = ~np.isfinite(batch.values)
     if bad.any():
         r, c = np.argwhere(bad)[0]
-        raise DataError(f"{where}: row {start + int(r) + row_offset}, column '{columns[int(c)]}' is "
-                        f"{values[r, c]}; clean or drop that row (features and target must be finite numbers)")
+        place = f"line {batch.lines[r]}" if batch.lines is not None else f"row {batch.start + int(r) + 1}"
+        raise DataError(f"{where}: {place}, column '{columns[int(c)]}' is {batch.values[r, c]}; clean or drop "
+                        "that row (features and target must be finite numbers)")
 
 
 class Table:
@@ -94,16 +97,13 @@ class Table:
 
     name: str
     columns: tuple[str, ...]
-    #: Added to 0-based row indices in messages (CSV: file line numbers).
-    row_offset: int = 0
-    row_word: str = "row"
 
     def batches(self, numeric: Sequence[str], label: str | None, batch_size: int) -> Iterator[Batch]:
         missing = [c for c in list(numeric) + ([label] if label else []) if c not in self.columns]
         if missing:
             raise DataError(f"{self.name}: no column '{missing[0]}' (columns: {', '.join(self.columns)})")
         for batch in self._batches(list(numeric), label, batch_size):
-            _check_finite(batch.values, numeric, self.name, batch.start, self.row_offset)
+            _check_finite(batch, numeric, self.name)
             yield batch
 
     def _batches(self, numeric: list[str], label: str | None, batch_size: int) -> Iterator[Batch]:
@@ -112,8 +112,6 @@ class Table:
 
 class CsvTable(Table):
     """A CSV file with a header line, streamed in chunks of lines (never loaded whole)."""
-
-    row_offset = 2  # header is line 1; messages give file line numbers
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -141,20 +139,28 @@ class CsvTable(Table):
         idx = [self.columns.index(c) for c in numeric]
         lidx = self.columns.index(label) if label else None
         start = 0
+        next_line = 2  # the header is line 1
         with open(self.path, newline="", encoding="utf-8") as f:
             f.readline()
             while True:
-                lines = [line for line in itertools.islice(f, batch_size) if line.strip()]
-                if not lines:
+                chunk = list(itertools.islice(f, batch_size))
+                if not chunk:
                     return
-                values = self._parse(lines, idx, np.float64, numeric, start)
+                kept = [i for i, line in enumerate(chunk) if line.strip()]
+                line_numbers = np.asarray(kept, dtype=np.int64) + next_line
+                next_line += len(chunk)
+                if not kept:
+                    continue
+                lines = chunk if len(kept) == len(chunk) else [chunk[i] for i in kept]
+                values = self._parse(lines, idx, np.float64, numeric, line_numbers)
                 labels = None
                 if lidx is not None:
-                    labels = normalise_labels(self._parse(lines, [lidx], str, [label], start).reshape(-1))
-                yield Batch(start, values.reshape(len(lines), len(idx)), labels)
+                    labels = normalise_labels(self._parse(lines, [lidx], str, [label], line_numbers).reshape(-1))
+                yield Batch(start, values.reshape(len(lines), len(idx)), labels, line_numbers)
                 start += len(lines)
 
-    def _parse(self, lines: list[str], idx: list[int], dtype: Any, names: list[str], start: int) -> np.ndarray:
+    def _parse(self, lines: list[str], idx: list[int], dtype: Any, names: list[str],
+               line_numbers: np.ndarray) -> np.ndarray:
         if not idx:
             return np.zeros((len(lines), 0))
         try:
@@ -162,15 +168,16 @@ class CsvTable(Table):
                               comments=None)
         except ValueError as exc:
             msg = str(exc)
+            # numpy counts rows from 0 in conversion errors and from 1 in column-count errors.
             m = re.search(r"could not convert string '(.*)' to \w+ at row (\d+), column (\d+)", msg)
             if m:
                 col = self.columns[int(m.group(3)) - 1]
-                line = start + int(m.group(2)) + self.row_offset
+                line = line_numbers[int(m.group(2))]
                 value = m.group(1)
                 what = "is empty" if value == "" else f"holds '{value}', not a number"
                 raise DataError(f"{self.path}: line {line}, column '{col}' {what}; clean or drop that row") from None
             m = re.search(r"at row (\d+)", msg)
-            line = start + int(m.group(1)) + self.row_offset if m else "?"
+            line = line_numbers[int(m.group(1)) - 1] if m else "?"
             raise DataError(f"{self.path}: line {line} has too few fields for the columns "
                             f"{', '.join(names)}; fix that row") from None
 
@@ -307,9 +314,9 @@ def _batch_from_mapping(mapping: Mapping[str, Any], column_of: dict, numeric: li
     cache: dict[str, np.ndarray] = {}
 
     def column(c: str) -> np.ndarray:
-        if c not in column_of:
-            raise DataError(f"{where}: a batch has no column '{c}'")
-        key, j = column_of[c]
+        key, j = column_of.get(c, (c, None))
+        if key not in mapping:
+            raise DataError(f"{where}: a batch has no column '{c}'; every batch must hold the same columns")
         if key not in cache:
             cache[key] = np.asarray(mapping[key])
         arr = cache[key]

@@ -210,7 +210,8 @@ def find_layers(model: onnx.ModelProto) -> GraphLayers:
         x_name, w_name = node.input[0], node.input[1]
         w_tensor = consts.tensor(w_name)
         if w_tensor is None:
-            where = "a graph input" if any(inp.name == w_name for inp in graph.input) else "computed at run time"
+            where = ("a graph input" if any(inp.name == w_name for inp in graph.input)
+                     else "a tensor computed at run time")
             refused[label] = (f"node '{label}' ({node.op_type}) takes its weight '{w_name}' from {where}; "
                               "only constant weights (initializers or Constant nodes) can be repaired")
             continue

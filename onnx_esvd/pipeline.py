@@ -10,8 +10,6 @@ Passes over the data (each streamed in batches):
 
 from __future__ import annotations
 
-import json
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
@@ -20,6 +18,7 @@ import numpy as np
 import onnx
 
 from ._version import __version__
+from . import _json
 from . import refit as refit_mod
 from .errors import DataError, LayerError, ModelError, OptionError
 from .esvd import EsvdResult, esvd
@@ -571,7 +570,7 @@ def _has_unwritable_bias(model: onnx.ModelProto, layer: LinearLayer) -> bool:
 def _record(model: onnx.ModelProto, res: RepairResult) -> None:
     """Store the repair's parameters and metrics in metadata_props (replacing an earlier record)."""
     info = res.to_dict()
-    text = json.dumps(info, sort_keys=True, default=float)
+    text = _json.dumps(info, sort_keys=True)
     for i, prop in enumerate(model.metadata_props):
         if prop.key == METADATA_KEY:
             del model.metadata_props[i]
