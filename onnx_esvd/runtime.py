@@ -33,6 +33,8 @@ class Runner:
         opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                          else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         opts.log_severity_level = 3
+        # Spinning worker threads would compete with numpy's BLAS, which runs between the batches.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._tmp: tempfile.TemporaryDirectory | None = None
         try:
             if model.ByteSize() < _INLINE_LIMIT:
