@@ -23,8 +23,8 @@ from . import refit as refit_mod
 from .errors import DataError, LayerError, ModelError, OptionError
 from .esvd import EsvdResult, esvd
 from .graph import (GraphLayers, LinearLayer, find_layers, model_inputs, output_path_is_value_preserving,
-                    read_bias, read_weight, select_layer, with_outputs, write_bias, write_weight)
-from .data import Table, normalise_labels, open_table, _label_text
+                    read_weight, select_layer, with_outputs, write_bias, write_weight)
+from .data import Table, open_table, _label_text
 from .metrics import OutputMetrics, output_metrics
 from .modelio import LoadedModel, check_output_path, load_model, save_model
 from .runtime import Runner
@@ -397,6 +397,111 @@ def repair(
     return _repair(loaded, open_table(data), layer, spec, options, progress or (lambda name, rows: None))
 
 
+@dataclass
+class _Capture:
+    """What the first pass collects: per-label-code moments of each layer's input on the fit rows, and
+    the model output, label codes and targets of the report rows."""
+
+    moments: dict[int, list[Moments]]  # layer index -> moments per label code
+    pred: list[np.ndarray] = field(default_factory=list)
+    code: list[np.ndarray] = field(default_factory=list)
+    target: list[np.ndarray] = field(default_factory=list)
+
+
+def _report_mask(rows: _Rows, holdout: float) -> np.ndarray:
+    """Rows measured by the report: the holdout rows, or every row with --holdout 0."""
+    return rows.u < holdout if holdout > 0 else np.ones(len(rows.code), dtype=bool)
+
+
+def _capture(model: onnx.ModelProto, layers: Sequence[LinearLayer], reader: _Reader, holdout: float,
+             progress: Callable[[str, int], None]) -> _Capture:
+    """Pass 1 over the original model: every given layer's input on the fit rows (reduced per batch into
+    float64 moments, O(d^2) memory) and the model output on the report rows."""
+    out_name = model.graph.output[0].name
+    tensors = list(dict.fromkeys(layer.input for layer in layers))
+    elem = {layer.input: layer.elem_type for layer in layers}
+    runner = Runner(with_outputs(model, [(t, elem[t]) for t in tensors]), [*tensors, out_name])
+    cap = _Capture(moments={layer.index: [] for layer in layers})
+    done = 0
+    for rows in reader(first_pass=True):
+        out = runner.run(rows.feeds)
+        n = len(rows.code)
+        fit = rows.u >= holdout
+        cf = rows.code[fit]
+        for layer in layers:
+            d = layer.in_features
+            x = np.asarray(out[layer.input])
+            if x.shape != (n, d):
+                raise LayerError(f"node '{layer.name}' receives '{layer.input}' with shape {list(x.shape)}; only "
+                                 f"inputs of shape [rows, {d}] can be repaired")
+            moments = cap.moments[layer.index]
+            while len(moments) < max(2, len(reader.labels)):
+                moments.append(Moments(d))
+            xf = x[fit]
+            for c in np.unique(cf):
+                moments[c].add(xf[cf == c])
+        report = _report_mask(rows, holdout)
+        if report.any():
+            cap.pred.append(_as_rows(out[out_name], n, f"model output '{out_name}'")[report])
+            cap.code.append(rows.code[report])
+            if rows.target is not None:
+                cap.target.append(rows.target[report])
+        done += n
+        progress("capture", done)
+    runner.close()
+    if reader.total == 0:
+        raise DataError(f"{reader.table.name}: no data rows")
+    return cap
+
+
+def _group_stats(cap: _Capture, layer: LinearLayer, reader: _Reader, notes: list[str]) -> LayerStats:
+    """Merge a layer's per-label moments into the two groups' statistics, checking the groups."""
+    labels, group_of = reader.group_labels(), reader.group_of_code()
+    moments = cap.moments[layer.index]
+    if reader.wanted is not None:
+        seen = set()
+        for codes in cap.code:
+            seen.update(np.unique(codes).tolist())
+        for c, mom in enumerate(moments[:2]):
+            if mom.n == 0 and c not in seen:
+                others = ", ".join(sorted(repr(x) for x in reader.other_labels)) or "none"
+                raise DataError(f"{reader.table.name}: --groups value {labels[c]!r} is not in column "
+                                f"'{reader.spec.group}' (other values seen: {others})")
+    d = layer.in_features
+    merged = [Moments(d), Moments(d)]
+    for c, mom in enumerate(moments):
+        merged[int(group_of[c])].merge(mom)
+    for g in (0, 1):
+        n_g = merged[g].n
+        if n_g < 2:
+            raise DataError(f"{reader.table.name}: group {labels[g]!r} has {n_g} fit row{'s' if n_g != 1 else ''}; "
+                            "at least 2 are needed (add rows or lower --holdout)")
+        if n_g < d:
+            notes.append(f"group {labels[g]!r} has {n_g} fit rows, fewer than the layer width {d}: its covariance "
+                         "is rank deficient, so the second-moment step sees only part of the disparity")
+    return LayerStats.from_moments(merged[0], merged[1])
+
+
+def _report_outputs(model: onnx.ModelProto, reader: _Reader, holdout: float,
+                    progress: Callable[[str, int], None]) -> np.ndarray:
+    """Pass 3: the model's output on the report rows, [rows, k] float64, in data order."""
+    out_name = model.graph.output[0].name
+    preds = []
+    runner = Runner(model, [out_name], optimize=True)
+    done = 0
+    for rows in reader():
+        report = _report_mask(rows, holdout)
+        if not report.any():
+            continue
+        n = int(report.sum())
+        feeds = {k: v[report] for k, v in rows.feeds.items()}
+        preds.append(_as_rows(runner.run(feeds)[out_name], n, f"model output '{out_name}'"))
+        done += n
+        progress("report", done)
+    runner.close()
+    return np.concatenate(preds)
+
+
 def _repair(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: DataSpec, options: RepairOptions,
             progress: Callable[[str, int], None]) -> RepairResult:
     original = loaded.model
@@ -405,75 +510,21 @@ def _repair(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Data
     final = found.final
     if not original.graph.output:
         raise ModelError("the model has no outputs")
-    out_name = original.graph.output[0].name
-    inputs = _plan_inputs(original, table, spec)
-    reader = _Reader(table, inputs, spec, options)
+    reader = _Reader(table, _plan_inputs(original, table, spec), spec, options)
     h = options.holdout
     notes: list[str] = []
 
-    # pass 1: original model, capture the layer input (fit rows) and the output (report rows)
-    d = layer.in_features
-    moments: list[Moments] = []
-    before_pred, before_code, before_target = [], [], []
-    runner = Runner(with_outputs(original, [(layer.input, layer.elem_type)]), [layer.input, out_name])
-    done = 0
-    for rows in reader(first_pass=True):
-        out = runner.run(rows.feeds)
-        n = len(rows.code)
-        x = np.asarray(out[layer.input])
-        if x.ndim != 2 or x.shape != (n, d):
-            raise LayerError(f"node '{layer.name}' receives '{layer.input}' with shape {list(x.shape)}; only "
-                             f"inputs of shape [rows, {d}] can be repaired")
-        fit = rows.u >= h
-        report = ~fit if h > 0 else fit
-        while len(moments) < len(reader.labels) or len(moments) < 2:
-            moments.append(Moments(d))
-        xf, cf = x[fit], rows.code[fit]
-        for c in np.unique(cf):
-            moments[c].add(xf[cf == c])
-        if report.any():
-            before_pred.append(_as_rows(out[out_name], n, f"model output '{out_name}'")[report])
-            before_code.append(rows.code[report])
-            if rows.target is not None:
-                before_target.append(rows.target[report])
-        done += n
-        progress("capture", done)
-    runner.close()
-    if reader.total == 0:
-        raise DataError(f"{table.name}: no data rows")
-    labels = reader.group_labels()
-    group_of = reader.group_of_code()
-    if reader.wanted is not None:
-        seen = set()
-        for codes in before_code:
-            seen.update(np.unique(codes).tolist())
-        for c, mom in enumerate(moments[:2]):
-            if mom.n == 0 and c not in seen:
-                others = ", ".join(sorted(repr(x) for x in reader.other_labels)) or "none"
-                raise DataError(f"{table.name}: --groups value {labels[c]!r} is not in column '{spec.group}' "
-                                f"(other values seen: {others})")
-    group_moments = [Moments(d), Moments(d)]
-    for c, mom in enumerate(moments):
-        group_moments[int(group_of[c])].merge(mom)
-    for g in (0, 1):
-        n_g = group_moments[g].n
-        if n_g < 2:
-            raise DataError(f"{table.name}: group {labels[g]!r} has {n_g} fit row{'s' if n_g != 1 else ''}; "
-                            "at least 2 are needed (add rows or lower --holdout)")
-        if n_g < d:
-            notes.append(f"group {labels[g]!r} has {n_g} fit rows, fewer than the layer width {d}: its covariance "
-                         "is rank deficient, so the second-moment step sees only part of the disparity")
-    stats = LayerStats.from_moments(group_moments[0], group_moments[1])
-    fit_rows = group_moments[0].n + group_moments[1].n
+    cap = _capture(original, [layer], reader, h, progress)
+    stats = _group_stats(cap, layer, reader, notes)
+    if not cap.pred:
+        raise DataError(f"{table.name}: no rows were left for the report; lower --holdout or add rows")
 
-    # the two ESVD steps
     weight = read_weight(original, layer)
     result = esvd(weight, stats, c1=options.c1, c2=options.c2, eps=options.eps)
     patched = onnx.ModelProto()
     patched.CopyFrom(original)
     write_weight(patched, layer, result.weight)
 
-    # pass 2: refit of the final node
     refit_report, refit_note = None, ""
     if options.refit == "none":
         refit_note = "skipped: --refit none"
@@ -484,32 +535,15 @@ def _repair(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Data
     else:
         refit_report = _refit(original, patched, final, reader, spec, options, progress)
 
-    # pass 3: the repaired model on the report rows
-    after_pred = []
-    runner = Runner(patched, [out_name], optimize=True)
-    done = 0
-    for rows in reader():
-        report = rows.u < h if h > 0 else np.ones(len(rows.code), dtype=bool)
-        if not report.any():
-            continue
-        feeds = {k: v[report] for k, v in rows.feeds.items()}
-        n = int(report.sum())
-        after_pred.append(_as_rows(runner.run(feeds)[out_name], n, f"model output '{out_name}'"))
-        done += n
-        progress("report", done)
-    runner.close()
-
-    if not before_pred:
-        raise DataError(f"{table.name}: no rows were left for the report; lower --holdout or add rows")
-    code = np.concatenate(before_code)
-    in_group1 = group_of[code] == 1
-    tgt = np.concatenate(before_target) if before_target else None
-    before = output_metrics(np.concatenate(before_pred), in_group1, labels, tgt)
-    after = output_metrics(np.concatenate(after_pred), in_group1, labels, tgt)
-    report_rows = "holdout" if h > 0 else "fit"
-    counts = RowCounts(total=reader.total, skipped=reader.skipped, fit=fit_rows, report=before.rows)
+    after_pred = _report_outputs(patched, reader, h, progress)
+    labels = reader.group_labels()
+    in_group1 = reader.group_of_code()[np.concatenate(cap.code)] == 1
+    tgt = np.concatenate(cap.target) if cap.target else None
+    before = output_metrics(np.concatenate(cap.pred), in_group1, labels, tgt)
+    after = output_metrics(after_pred, in_group1, labels, tgt)
+    counts = RowCounts(total=reader.total, skipped=reader.skipped, fit=stats.n0 + stats.n1, report=before.rows)
     res = RepairResult(model=patched, layer=layer, final=final, groups=labels, before=before, after=after,
-                       report_rows=report_rows, rows=counts, esvd=result, refit=refit_report,
+                       report_rows="holdout" if h > 0 else "fit", rows=counts, esvd=result, refit=refit_report,
                        refit_note=refit_note, options=options, data=spec, external_data=loaded.external_data,
                        warnings=tuple(notes))
     _record(patched, res)
