@@ -1,0 +1,81 @@
+"""Models stored with external data: load, repair and save with the data next to the output."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import FIXTURES
+from onnx_esvd import ModelError, repair
+from onnx_esvd.modelio import load_model, save_model
+
+LEGACY = FIXTURES / "law_school_mlp_legacy.onnx"
+DATA = FIXTURES / "law_school.csv"
+
+
+def _external_copy(tmp_path: Path) -> Path:
+    model = onnx.load(str(LEGACY))
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.onnx.data", size_threshold=0)
+    return path
+
+
+def _arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_external_data_round_trip(tmp_path):
+    src = _external_copy(tmp_path)
+    res = repair(src, DATA, layer=-2, group="race1", target="ugpa")
+    assert res.external_data
+    out = res.save(tmp_path / "fixed.onnx")
+    assert (tmp_path / "fixed.onnx.data").is_file()
+    # the graph file itself holds no weights: they live in the data file next to it
+    assert os.path.getsize(out) < 50_000
+    saved = onnx.load(str(out))
+    onnx.checker.check_model(saved)
+    before, after = _arrays(onnx.load(str(LEGACY))), _arrays(saved)
+    changed = {name for name in before if not np.array_equal(before[name], after[name])}
+    assert changed == {res.layer.weight, res.final.weight, res.final.bias}
+
+
+def test_stale_data_file_is_replaced_not_appended(tmp_path):
+    src = _external_copy(tmp_path)
+    res = repair(src, DATA, layer=-2, group="race1", target="ugpa")
+    res.save(tmp_path / "fixed.onnx")
+    size = os.path.getsize(tmp_path / "fixed.onnx.data")
+    res.save(tmp_path / "fixed.onnx", force=True)
+    assert os.path.getsize(tmp_path / "fixed.onnx.data") == size
+    saved = _arrays(onnx.load(str(tmp_path / "fixed.onnx")))
+    assert np.array_equal(saved[res.layer.weight], numpy_helper.to_array(
+        next(t for t in res.model.graph.initializer if t.name == res.layer.weight)))
+
+
+def test_external_location_outside_the_model_directory_is_refused(tmp_path):
+    inner = tmp_path / "models"
+    inner.mkdir()
+    model = onnx.load(str(LEGACY))
+    onnx.save(model, str(tmp_path / "weights.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="shared.data", size_threshold=0)
+    escaped = onnx.load(str(tmp_path / "weights.onnx"), load_external_data=False)
+    for tensor in escaped.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../shared.data"
+    path = inner / "escape.onnx"
+    with open(path, "wb") as f:
+        f.write(escaped.SerializeToString())
+    with pytest.raises(ModelError, match="outside the model's directory"):
+        load_model(path)
+
+
+def test_save_leaves_no_temporary_files(tmp_path):
+    res = repair(LEGACY, DATA, layer=-2, group="race1", target="ugpa")
+    save_model(res.model, tmp_path / "fixed.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.onnx"]
