@@ -38,6 +38,7 @@ GroupsOpt = Annotated[Optional[str], typer.Option(
                                     "than two; other rows are skipped).")]
 TargetOpt = Annotated[Optional[str], typer.Option(
     "--target", help="Label column: enables MSE/MAE and the label-based refit.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Rows per onnxruntime run.")]
 FeaturesOpt = Annotated[Optional[str], typer.Option(
     "--features", metavar="COL,...", help="Feature columns in model order (default: every column but the group "
                                           "and target columns, in file order).")]
@@ -112,7 +113,7 @@ def repair(
     holdout: Annotated[float, typer.Option("--holdout", help="Share of rows kept out of the fit to measure "
                                                              "before/after (0: fit and report on all).")] = 0.2,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the holdout and ridge splits.")] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Rows per onnxruntime run.")] = 4096,
+    batch_size: BatchOpt = 4096,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (default: MODEL stem + "
                                                                           ".esvd.onnx next to MODEL).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
@@ -148,6 +149,78 @@ def repair(
             typer.echo(dumps({"model": str(model), "output": str(written), **result.to_dict()}, indent=2))
         else:
             typer.echo(repair_report(result, str(model), str(written)))
+
+
+@app.command()
+def audit(
+    model: ModelArg,
+    data: DataOpt,
+    group: GroupOpt,
+    groups: GroupsOpt = None,
+    target: TargetOpt = None,
+    features: FeaturesOpt = None,
+    eps: Annotated[float, typer.Option("--eps", help="The eps of delta delta^T + eps I in the mean-gap "
+                                                     "bound.")] = 1e-5,
+    top: Annotated[int, typer.Option("--top", help="How many leading singular directions the shares "
+                                                   "count.")] = 3,
+    batch_size: BatchOpt = 4096,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Where the disparity lives: output metrics and, per layer, the moment gaps and their SVD bounds."""
+    with handled(debug):
+        from onnx_esvd import audit as run_audit
+        from onnx_esvd._json import dumps
+
+        from .report import audit_report
+
+        result = run_audit(model, data, group=group, groups=_split(groups), target=target,
+                           features=_split(features), eps=eps, top=top, batch_size=batch_size)
+        typer.echo(dumps(result.to_dict(), indent=2) if json_out else audit_report(result))
+
+
+@app.command()
+def check(
+    model: ModelArg,
+    data: DataOpt,
+    group: GroupOpt,
+    groups: GroupsOpt = None,
+    target: TargetOpt = None,
+    features: FeaturesOpt = None,
+    max_ks: Annotated[Optional[float], typer.Option("--max-ks", help="Fail above this KS distance.")] = None,
+    max_mean_gap: Annotated[Optional[float], typer.Option("--max-mean-gap", help="Fail above this mean "
+                                                                                 "gap.")] = None,
+    max_mse: Annotated[Optional[float], typer.Option("--max-mse", help="Fail above this MSE (needs "
+                                                                       "--target).")] = None,
+    max_mae: Annotated[Optional[float], typer.Option("--max-mae", help="Fail above this MAE (needs "
+                                                                       "--target).")] = None,
+    junit: Annotated[Optional[Path], typer.Option("--junit", metavar="PATH", help="Also write a JUnit XML "
+                                                                                  "report there.")] = None,
+    batch_size: BatchOpt = 4096,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Fairness gate for CI: exit 0 when every threshold holds, 1 when one is exceeded, 2 on bad input."""
+    with handled(debug):
+        import time
+
+        from onnx_esvd import check as run_check
+        from onnx_esvd._json import dumps
+        from onnx_esvd.modelio import check_output_path, write_text_atomic
+
+        from .report import check_report
+
+        if junit is not None:
+            check_output_path(junit, inputs=(model, data), force=True)
+        started = time.perf_counter()
+        result = run_check(model, data, group=group, groups=_split(groups), target=target,
+                           features=_split(features), max_ks=max_ks, max_mean_gap=max_mean_gap,
+                           max_mse=max_mse, max_mae=max_mae, batch_size=batch_size)
+        if junit is not None:
+            write_text_atomic(junit, result.junit_xml(time.perf_counter() - started))
+        typer.echo(dumps(result.to_dict(), indent=2) if json_out else check_report(result))
+    if not result.passed:
+        raise typer.Exit(1)
 
 
 def run() -> None:

@@ -85,3 +85,79 @@ def repair_report(res: Any, model_path: str, output: str | None) -> str:
 
 def _g(v: float) -> str:
     return f"{v:g}"
+
+
+def _metric_rows(m: Any) -> list[tuple[str, str]]:
+    rows = [("KS", num(m.ks)), ("mean gap", num(m.mean_gap))]
+    if m.mse is not None:
+        rows += [("MSE", num(m.mse)), ("MAE", num(m.mae))]
+    return rows
+
+
+def groups_table(m: Any) -> str:
+    """Per-group rows, mean, std (and MSE, MAE with a target)."""
+    has_target = m.mse is not None
+    headers = ["group", "rows", "mean", "std"] + (["MSE", "MAE"] if has_target else [])
+    rows = []
+    for g in m.groups:
+        row = [g.label, str(g.count), num(g.mean), num(g.std)]
+        if has_target:
+            row += [num(g.mse), num(g.mae)]
+        rows.append(row)
+    return table(headers, rows, right=tuple(range(1, len(headers))))
+
+
+def audit_report(res: Any) -> str:
+    """The output metrics and the per-layer explainable-SVD view, ranked."""
+    m = res.metrics
+    lines = [f"model     {res.model}",
+             f"data      {res.data}: {res.rows} rows, {res.skipped} of other groups skipped; "
+             f"{res.groups[0]!r} (group 0) vs {res.groups[1]!r} (group 1)",
+             "",
+             "output: " + ", ".join(f"{k} {v}" for k, v in _metric_rows(m)),
+             groups_table(m),
+             ""]
+    if not res.layers:
+        lines.append("no repairable linear node (Gemm or MatMul with a constant 2-D weight)")
+    else:
+        lines.append(f"layers by disparity score (gap relative to the layer output's within-group spread; "
+                     f"top-{res.top} = share of the bound in the top {res.top} singular directions):")
+        rows = []
+        for a in res.ranked():
+            rows.append((a.rank if a.rank is not None else "-", a.layer.index, a.layer.name,
+                         f"{a.layer.in_features}->{a.layer.out_features}",
+                         num(a.first.gap, 3), num(a.first.bound, 3), f"{100 * a.first.top_share:.0f}%",
+                         num(a.second.gap, 3), num(a.second.bound, 3), f"{100 * a.second.top_share:.0f}%",
+                         num(a.score, 3)))
+        lines.append(table(["rank", "#", "node", "shape", "mean gap", "bound", f"top-{res.top}", "cov gap",
+                            "bound", f"top-{res.top}", "score"], rows, right=(0, 1, 4, 5, 6, 7, 8, 9, 10)))
+        lines.append("mean gap = ||W delta||^2 <= sum sigma(W S)^2;  cov gap = ||W D W^T||_F <= ||W S||_S4^2")
+        best = next((a for a in res.ranked() if a.rank == 1), None)
+        if best is not None:
+            lines.append(f"largest disparity: layer {best.layer.index} '{best.layer.name}' "
+                         f"(onnx-esvd repair ... --layer {best.layer.index})")
+        if any(a.rank is None for a in res.layers):
+            lines.append("'-': a single-output final node; repairing it only rescales it (KS unchanged) and "
+                         "leaves nothing to refit")
+    for name, reason in res.refused.items():
+        lines.append(f"not repairable: {reason}")
+    for note in res.warnings:
+        lines.append(f"warning: {note}")
+    return "\n".join(lines)
+
+
+def check_report(res: Any) -> str:
+    """Each metric, its value, its threshold and PASS/FAIL, then the verdict."""
+    mz = res.measured
+    lines = [f"check     {res.model} on {res.data}: {mz.rows} rows ({mz.skipped} of other groups skipped), "
+             f"{mz.groups[0]!r} vs {mz.groups[1]!r}"]
+    rows = [(t.metric, num(t.value), f"<= {t.threshold:g}", "PASS" if t.passed else "FAIL")
+            for t in res.thresholds]
+    lines.append(table(["metric", "value", "threshold", "result"], rows, right=(1,)))
+    failed = [t for t in res.thresholds if not t.passed]
+    if failed:
+        lines.append(f"FAIL: {len(failed)} of {len(res.thresholds)} thresholds exceeded "
+                     f"({', '.join(t.metric for t in failed)})")
+    else:
+        lines.append(f"PASS: all {len(res.thresholds)} thresholds hold")
+    return "\n".join(lines)

@@ -129,12 +129,10 @@ def _row_quadratic(a: np.ndarray, gram: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", a @ gram, a)
 
 
-def second_moment_factor(cov0: np.ndarray, cov1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Factor D = C0 - C1 = S J S^T on its numerical range.
+def second_moment_eig(cov0: np.ndarray, cov1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs of D = C0 - C1 on its numerical range: (Q_r [d, r], Lambda_r [r]).
 
-    Returns (q, s_abs): Q_r [d, r] orthonormal eigenvectors kept and |Lambda_r|^{1/2} [r], so that
-    S = Q_r diag(s_abs) and S^+ = diag(1 / s_abs) Q_r^T. Eigenpairs with
-    |lambda| <= d * eps * max|lambda| are dropped (numpy's rank tolerance).
+    Eigenpairs with |lambda| <= d * eps * max|lambda| are dropped (numpy's rank tolerance).
     """
     d = cov0.shape[0]
     diff = cov0 - cov1
@@ -142,7 +140,17 @@ def second_moment_factor(cov0: np.ndarray, cov1: np.ndarray) -> tuple[np.ndarray
     lam, q = np.linalg.eigh(diff)
     top = float(np.max(np.abs(lam))) if lam.size else 0.0
     keep = np.abs(lam) > d * np.finfo(np.float64).eps * top
-    return q[:, keep], np.sqrt(np.abs(lam[keep]))
+    return q[:, keep], lam[keep]
+
+
+def second_moment_factor(cov0: np.ndarray, cov1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Factor D = C0 - C1 = S J S^T on its numerical range.
+
+    Returns (q, s_abs): Q_r [d, r] orthonormal eigenvectors kept and |Lambda_r|^{1/2} [r], so that
+    S = Q_r diag(s_abs) and S^+ = diag(1 / s_abs) Q_r^T.
+    """
+    q, lam = second_moment_eig(cov0, cov1)
+    return q, np.sqrt(np.abs(lam))
 
 
 def second_moment_step(weight: np.ndarray, stats: LayerStats, c2: float) -> tuple[np.ndarray, StepReport]:
@@ -211,3 +219,63 @@ def esvd(weight: np.ndarray, stats: LayerStats, *, c1: float = 15.0, c2: float =
     w1, second = second_moment_step(w, stats, float(c2))
     w2, first = first_moment_step(w1, stats, float(c1), float(eps))
     return EsvdResult(weight=w2, weight_step1=w1, second=second, first=first)
+
+
+@dataclass(frozen=True)
+class MomentGap:
+    """The explainable-SVD view of one moment's between-group gap at a layer's output.
+
+    Attributes:
+        gap: first moment ||W delta||^2; second moment ||W D W^T||_F (D on its numerical range).
+        bound: the SVD bound of `gap`: sum sigma_i(W S)^2 (first moment, = gap + eps ||W||_F^2) or
+            ||W S||_{S4}^2 = (sum sigma_i^4)^(1/2) (second moment); gap <= bound.
+        top_share: share of sum sigma^p (p = 2, 4) carried by the top `top` singular directions.
+        relative: gap relative to the layer output's within-group spread: ||W delta||^2 / tr(W C W^T)
+            or ||W D W^T||_F / ||W C W^T||_F, with C the pooled within-group covariance.
+        sigma: the leading singular values of W S (at most `top`).
+    """
+
+    gap: float
+    bound: float
+    top_share: float
+    relative: float
+    sigma: tuple[float, ...]
+
+    def to_dict(self) -> dict:
+        return {"gap": self.gap, "bound": self.bound, "top_share": self.top_share, "relative": self.relative,
+                "top_sigma": list(self.sigma)}
+
+
+def _share(power: np.ndarray, top: int) -> float:
+    total = float(np.sum(power))
+    return float(np.sum(power[:top]) / total) if total > 0 else 0.0
+
+
+def disparity_view(weight: np.ndarray, stats: LayerStats, *, eps: float = 1e-5,
+                   top: int = 3) -> tuple[MomentGap, MomentGap]:
+    """First- and second-moment gaps of the output of `W: [m, d]` and their SVD bounds (ALGORITHM.md).
+
+    Returns (first moment, second moment).
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    pooled = ((stats.n0 - 1) * stats.cov0 + (stats.n1 - 1) * stats.cov1) / max(stats.n0 + stats.n1 - 2, 1)
+    spread = w @ pooled @ w.T
+
+    delta = stats.mean0 - stats.mean1
+    wd = w @ delta
+    gap1 = float(wd @ wd)
+    sigma1 = np.linalg.svd(w @ mean_gap_factor(delta, eps), compute_uv=False)
+    trace = float(np.trace(spread))
+    first = MomentGap(gap=gap1, bound=gap1 + eps * float(np.sum(w * w)), top_share=_share(sigma1**2, top),
+                      relative=gap1 / trace if trace > 0 else 0.0, sigma=tuple(float(v) for v in sigma1[:top]))
+
+    q, lam = second_moment_eig(stats.cov0, stats.cov1)
+    a = (w @ q) * np.sqrt(np.abs(lam))  # W S, [m, r]
+    gap2 = float(np.linalg.norm((a * np.sign(lam)) @ a.T))
+    bound2 = float(np.linalg.norm(a @ a.T))  # = (sum sigma^4)^(1/2); equal to gap2 when D is semidefinite
+    sigma2 = np.linalg.svd(a, compute_uv=False) if a.size else np.zeros(0)
+    norm_spread = float(np.linalg.norm(spread))
+    second = MomentGap(gap=gap2, bound=bound2, top_share=_share(sigma2**4, top),
+                       relative=gap2 / norm_spread if norm_spread > 0 else 0.0,
+                       sigma=tuple(float(v) for v in sigma2[:top]))
+    return first, second

@@ -6,6 +6,7 @@ Forms: Gemm (any transB, alpha, beta, with or without C); MatMul with a 2-D cons
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -268,6 +269,13 @@ def find_layers(model: onnx.ModelProto) -> GraphLayers:
                 final_index = j
     layers = tuple(LinearLayer(index=j, is_final=(j == final_index), **info) for j, info in enumerate(found))
     return GraphLayers(layers=layers, refused=refused)
+
+
+def list_layers(model: "str | os.PathLike | onnx.ModelProto") -> GraphLayers:
+    """The repairable linear nodes of a model file or ModelProto (and the linear nodes refused, with reasons)."""
+    from .modelio import load_model
+
+    return find_layers(load_model(model).model)
 
 
 def select_layer(found: GraphLayers, spec: int | str) -> LinearLayer:

@@ -1,0 +1,108 @@
+"""Where the disparity lives: the output metrics plus, for every repairable layer, the
+explainable-SVD view of ALGORITHM.md (between-group gaps of the layer output's first and second
+moments, their SVD bounds, and how concentrated they are), from one capture pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .capture import (RowReader, capture, capture_metrics, data_spec, group_stats, plan_inputs, positive_batch,
+                      source_name)
+from .data import open_table
+from .errors import OptionError
+from .esvd import MomentGap, disparity_view
+from .graph import LinearLayer, find_layers, read_weight
+from .metrics import OutputMetrics
+from .modelio import load_model
+
+
+@dataclass(frozen=True)
+class LayerAudit:
+    """The explainable-SVD view of one layer.
+
+    Attributes:
+        layer: the linear node.
+        first: mean gap ||W delta||^2 of the layer output, its bound sum sigma_i(W S)^2, ...
+        second: covariance gap ||W D W^T||_F, its bound ||W S||_{S4}^2, ...
+        score: first.relative + second.relative: how much of the layer output's within-group spread
+            is between-group difference (dimensionless; higher means more disparity).
+        rank: 1 for the layer with the highest score; None for a single-output final node, which the
+            repair can only rescale (KS unchanged) and which has nothing downstream to refit.
+    """
+
+    layer: LinearLayer
+    first: MomentGap
+    second: MomentGap
+    score: float
+    rank: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.layer.to_dict(), "rank": self.rank, "score": self.score,
+                "first_moment": self.first.to_dict(), "second_moment": self.second.to_dict()}
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """Output metrics and the per-layer views, `layers` in graph order (see `ranked()`)."""
+
+    model: str
+    data: str
+    groups: tuple[str, str]
+    rows: int
+    skipped: int
+    metrics: OutputMetrics
+    layers: tuple[LayerAudit, ...]
+    refused: dict[str, str]
+    top: int
+    eps: float
+    warnings: tuple[str, ...]
+
+    def ranked(self) -> list[LayerAudit]:
+        """Layers by rank (unranked ones last, in graph order)."""
+        return sorted(self.layers, key=lambda a: (a.rank is None, a.rank or 0, a.layer.index))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "data": self.data, "groups": list(self.groups),
+                "rows": {"total": self.rows, "skipped": self.skipped}, "metrics": self.metrics.to_dict(),
+                "top": self.top, "eps": self.eps,
+                "layers": [a.to_dict() for a in self.layers],
+                "refused": [{"name": k, "reason": v} for k, v in self.refused.items()],
+                "warnings": list(self.warnings)}
+
+
+def audit(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = None, target: str | None = None,
+          features: Sequence[str] | None = None, eps: float = 1e-5, top: int = 3, batch_size: int = 4096,
+          progress: Any = None) -> AuditResult:
+    """Measure the output metrics and the explainable-SVD view of every repairable layer in one pass.
+
+    Every row of the two groups is used (no holdout). Memory: O(sum of the layer widths squared).
+    """
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise OptionError(f"--eps {eps} is invalid; it must be a positive number (default 1e-5)")
+    if not (isinstance(top, int) and top >= 1):
+        raise OptionError(f"--top {top} is invalid; it must be a positive integer")
+    spec = data_spec(group, groups, target, features)
+    loaded = load_model(model)
+    found = find_layers(loaded.model)
+    table = open_table(data)
+    reader = RowReader(table, plan_inputs(loaded.model, table, spec), spec, batch_size=positive_batch(batch_size))
+    cap = capture(loaded.model, found.layers, reader, 0.0, progress or (lambda name, rows: None))
+    metrics = capture_metrics(cap, reader)
+    notes: list[str] = []
+    views = []
+    for layer in found.layers:
+        stats = group_stats(cap, layer, reader, notes)
+        first, second = disparity_view(read_weight(loaded.model, layer), stats, eps=eps, top=top)
+        views.append((layer, first, second, first.relative + second.relative))
+    # A single-output final node cannot be usefully repaired: W S has one singular value, so the repair
+    # only rescales W on range(S), which leaves KS unchanged, and nothing downstream can be refitted.
+    rankable = [i for i, (layer, *_rest) in enumerate(views) if not (layer.is_final and layer.out_features == 1)]
+    order = sorted(rankable, key=lambda i: (-views[i][3], i))
+    rank = {i: r + 1 for r, i in enumerate(order)}
+    layers = tuple(LayerAudit(layer, first, second, score, rank.get(i))
+                   for i, (layer, first, second, score) in enumerate(views))
+    return AuditResult(model=source_name(model), data=source_name(data), groups=reader.group_labels(), rows=reader.total,
+                       skipped=reader.skipped, metrics=metrics, layers=layers, refused=dict(found.refused), top=top,
+                       eps=float(eps), warnings=tuple(dict.fromkeys(notes)))

@@ -1,0 +1,363 @@
+"""Reading rows into model feeds and the first pass over the data (no scipy here: `check` uses it).
+
+Rows of the data become batches of feeds with a group-label code and a seeded uniform number per
+row (the holdout split). The capture pass reduces each batch at once into per-group float64 moments
+of the chosen layers' inputs, and keeps the model output of the report rows for the metrics.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import onnx
+
+from .data import Table, _label_text
+from .errors import DataError, LayerError, ModelError, OptionError
+from .graph import LinearLayer, model_inputs, with_outputs
+from .metrics import OutputMetrics, output_metrics
+from .runtime import Runner
+from .stats import LayerStats, Moments
+
+Progress = Callable[[str, int], None]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """How data columns map onto the model: group and target columns, features per model input."""
+
+    group: str
+    groups: tuple[str, str] | None = None
+    target: str | None = None
+    features: tuple[str, ...] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# rows, groups, feeds
+
+
+def data_spec(group: str, groups: Sequence[str] | None, target: str | None,
+              features: Sequence[str] | None) -> DataSpec:
+    """Validate the column options shared by every command."""
+    if groups is not None:
+        groups = tuple(str(g) for g in groups)
+        if len(groups) != 2 or _label_text(groups[0]) == _label_text(groups[1]):
+            raise OptionError(f"--groups {','.join(groups)} is invalid; give two different values, e.g. --groups A,B")
+    return DataSpec(group=group, groups=groups, target=target, features=tuple(features) if features else None)
+
+
+def positive_batch(batch_size: int) -> int:
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise OptionError(f"--batch-size {batch_size} is invalid; it must be a positive integer")
+    return batch_size
+
+
+def source_name(obj: Any) -> str:
+    if isinstance(obj, (str, os.PathLike)):
+        return str(obj)
+    return f"<{type(obj).__name__}>"
+
+
+def row_uniform(seed: int, start: int, n: int) -> np.ndarray:
+    """A seeded uniform [0, 1) per global row index (splitmix64), independent of batch sizes."""
+    with np.errstate(over="ignore"):
+        z = np.arange(start, start + n, dtype=np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + 1) % 2**64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    name: str
+    columns: tuple[str, ...]
+    dtype: np.dtype
+    rank: int
+
+
+def plan_inputs(model: onnx.ModelProto, table: Table, spec: DataSpec) -> list[InputPlan]:
+    inputs = model_inputs(model)
+    if not inputs:
+        raise ModelError("the model has no runtime inputs to feed")
+    plans = []
+    for inp in inputs:
+        tt = inp.type.tensor_type
+        if not inp.type.HasField("tensor_type"):
+            raise ModelError(f"model input '{inp.name}' is not a tensor; only tensor inputs can be fed from columns")
+        dims = list(tt.shape.dim)
+        if len(dims) not in (1, 2):
+            raise ModelError(f"model input '{inp.name}' has rank {len(dims)}; only [rows] or [rows, features] "
+                             "inputs can be fed from data columns")
+        width = 1
+        if len(dims) == 2:
+            if not dims[1].HasField("dim_value") or dims[1].dim_value <= 0:
+                raise ModelError(f"model input '{inp.name}' has no fixed feature width (shape "
+                                 f"{[d.dim_param or d.dim_value for d in dims]})")
+            width = dims[1].dim_value
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        plans.append((inp.name, width, dtype, len(dims)))
+    reserved = {spec.group} | ({spec.target} if spec.target else set())
+    for col in reserved:
+        if col not in table.columns:
+            what = "group" if col == spec.group else "target"
+            raise DataError(f"{table.name}: no {what} column '{col}' (columns: {', '.join(table.columns)})")
+    if len(plans) == 1:
+        name, width, dtype, rank = plans[0]
+        if spec.features:
+            cols = tuple(spec.features)
+            for c in cols:
+                if c not in table.columns:
+                    raise DataError(f"{table.name}: no feature column '{c}' (columns: {', '.join(table.columns)})")
+                if c in reserved:
+                    raise DataError(f"--features lists '{c}', which is the group or target column")
+        else:
+            cols = tuple(c for c in table.columns if c not in reserved)
+        if len(cols) != width:
+            raise DataError(f"{table.name}: model input '{name}' takes {width} features but "
+                            f"{'--features names' if spec.features else 'the data has'} {len(cols)} feature columns "
+                            f"({', '.join(cols[:12])}{', ...' if len(cols) > 12 else ''}); "
+                            "choose them with --features")
+        return [InputPlan(name, cols, dtype, rank)]
+    if spec.features:
+        raise OptionError("--features applies to single-input models; a model with several inputs takes the "
+                          "columns named after each input (NAME, or NAME_0 ... NAME_{w-1})")
+    out = []
+    for name, width, dtype, rank in plans:
+        cols = (name,) if width == 1 and name in table.columns else tuple(f"{name}_{j}" for j in range(width))
+        missing = [c for c in cols if c not in table.columns]
+        if missing:
+            raise DataError(f"{table.name}: model input '{name}' needs column "
+                            f"{'s ' + cols[0] + ' ... ' + cols[-1] if width > 1 else repr(name)}; "
+                            f"'{missing[0]}' is missing")
+        out.append(InputPlan(name, cols, dtype, rank))
+    return out
+
+
+@dataclass
+class Rows:
+    """One batch of rows of the two groups, ready to feed."""
+
+    feeds: dict[str, np.ndarray]
+    code: np.ndarray  # [n] int: label code (first-seen order)
+    target: np.ndarray | None  # [n] float64
+    u: np.ndarray  # [n] seeded uniform per row
+
+
+class RowReader:
+    """Batches of feeds with group label codes; keeps the label table across passes."""
+
+    def __init__(self, table: Table, inputs: list[InputPlan], spec: DataSpec, *, batch_size: int,
+                 seed: int = 0) -> None:
+        self.table, self.inputs, self.spec = table, inputs, spec
+        self.batch_size, self.seed = batch_size, seed
+        self.numeric = [c for inp in inputs for c in inp.columns] + ([spec.target] if spec.target else [])
+        self.labels: list[str] = []
+        self.code_of: dict[str, int] = {}
+        self.wanted = None if spec.groups is None else tuple(_label_text(g) for g in spec.groups)
+        self.total = 0
+        self.skipped = 0
+        self.other_labels: set[str] = set()
+
+    def _codes(self, labels: np.ndarray) -> np.ndarray:
+        uniq, inverse = np.unique(labels, return_inverse=True)
+        codes = np.empty(len(uniq), dtype=np.int64)
+        for i, lab in enumerate(uniq):
+            lab = str(lab)
+            if self.wanted is not None:
+                if lab in self.wanted:
+                    codes[i] = self.wanted.index(lab)
+                else:
+                    codes[i] = -1
+                    if len(self.other_labels) < 20:
+                        self.other_labels.add(lab)
+                continue
+            if lab not in self.code_of:
+                if len(self.code_of) == 2:
+                    seen = ", ".join(repr(x) for x in [*self.labels, lab])
+                    raise DataError(f"{self.table.name}: group column '{self.spec.group}' has more than two values "
+                                    f"({seen}, ...); pick two with --groups A,B")
+                self.code_of[lab] = len(self.labels)
+                self.labels.append(lab)
+            codes[i] = self.code_of[lab]
+        return codes[inverse.reshape(-1)]
+
+    def __call__(self, first_pass: bool = False) -> Iterator[Rows]:
+        for batch in self.table.batches(self.numeric, self.spec.group, self.batch_size):
+            code = self._codes(batch.labels)
+            keep = code >= 0
+            if first_pass:
+                self.total += len(code)
+                self.skipped += int((~keep).sum())
+            values = batch.values if keep.all() else batch.values[keep]
+            idx = np.flatnonzero(keep) + batch.start
+            if not len(idx):
+                continue
+            feeds, j = {}, 0
+            for inp in self.inputs:
+                block = values[:, j:j + len(inp.columns)]
+                j += len(inp.columns)
+                arr = block.astype(inp.dtype)
+                feeds[inp.name] = arr.reshape(-1) if inp.rank == 1 else arr
+            target = values[:, j] if self.spec.target else None
+            u = row_uniform(self.seed, batch.start, len(code))[keep]
+            yield Rows(feeds, code[keep], target, u)
+
+    def group_labels(self) -> tuple[str, str]:
+        """Labels of group 0 and group 1 after the first pass; code c of the pass maps to group order[c]."""
+        name, col = self.table.name, self.spec.group
+        if self.wanted is not None:
+            return self.wanted  # codes are already group indices
+        if len(self.labels) < 2:
+            only = f"only the value {self.labels[0]!r}" if self.labels else "no values"
+            raise DataError(f"{name}: group column '{col}' has {only}; it needs rows of two groups")
+        return tuple(sorted(self.labels, key=_sort_key))  # type: ignore[return-value]
+
+    def group_of_code(self) -> np.ndarray:
+        """Array mapping a label code to the group index (0 or 1)."""
+        if self.wanted is not None:
+            return np.array([0, 1])
+        order = self.group_labels()
+        return np.array([order.index(lab) for lab in self.labels])
+
+
+def _sort_key(label: str) -> tuple:
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)
+
+
+def as_rows(arr: np.ndarray, n: int, what: str) -> np.ndarray:
+    a = np.asarray(arr)
+    if a.ndim == 0 or a.shape[0] != n:
+        raise ModelError(f"{what} has shape {list(a.shape)}, which is not one row per data row ({n} rows)")
+    return a.reshape(n, -1).astype(np.float64)
+
+
+@dataclass
+class Capture:
+    """What the first pass collects: per-label-code moments of each layer's input on the fit rows, and
+    the model output, label codes and targets of the report rows."""
+
+    moments: dict[int, list[Moments]]  # layer index -> moments per label code
+    pred: list[np.ndarray] = field(default_factory=list)
+    code: list[np.ndarray] = field(default_factory=list)
+    target: list[np.ndarray] = field(default_factory=list)
+
+
+def report_mask(rows: Rows, holdout: float) -> np.ndarray:
+    """Rows measured by the report: the holdout rows, or every row with --holdout 0."""
+    return rows.u < holdout if holdout > 0 else np.ones(len(rows.code), dtype=bool)
+
+
+def capture(model: onnx.ModelProto, layers: Sequence[LinearLayer], reader: RowReader, holdout: float,
+             progress: Progress) -> Capture:
+    """Pass 1 over the original model: every given layer's input on the fit rows (reduced per batch into
+    float64 moments, O(sum d^2) memory) and the model output on the report rows."""
+    out_name = model.graph.output[0].name
+    tensors = list(dict.fromkeys(layer.input for layer in layers))
+    elem = {layer.input: layer.elem_type for layer in layers}
+    # Capture needs graph optimisation off; a plain output pass (no layers) may optimise.
+    runner = Runner(with_outputs(model, [(t, elem[t]) for t in tensors]), [*tensors, out_name],
+                    optimize=not layers)
+    cap = Capture(moments={layer.index: [] for layer in layers})
+    done = 0
+    for rows in reader(first_pass=True):
+        out = runner.run(rows.feeds)
+        n = len(rows.code)
+        fit = rows.u >= holdout
+        cf = rows.code[fit]
+        for layer in layers:
+            d = layer.in_features
+            x = np.asarray(out[layer.input])
+            if x.shape != (n, d):
+                raise LayerError(f"node '{layer.name}' receives '{layer.input}' with shape {list(x.shape)}; only "
+                                 f"inputs of shape [rows, {d}] can be repaired")
+            moments = cap.moments[layer.index]
+            while len(moments) < max(2, len(reader.labels)):
+                moments.append(Moments(d))
+            xf = x[fit]
+            for c in np.unique(cf):
+                moments[c].add(xf[cf == c])
+        report = report_mask(rows, holdout)
+        if report.any():
+            cap.pred.append(as_rows(out[out_name], n, f"model output '{out_name}'")[report])
+            cap.code.append(rows.code[report])
+            if rows.target is not None:
+                cap.target.append(rows.target[report])
+        done += n
+        progress("capture", done)
+    runner.close()
+    if reader.total == 0:
+        raise DataError(f"{reader.table.name}: no data rows")
+    return cap
+
+
+def group_stats(cap: Capture, layer: LinearLayer, reader: RowReader, notes: list[str]) -> LayerStats:
+    """Merge a layer's per-label moments into the two groups' statistics, checking the groups."""
+    labels, group_of = reader.group_labels(), reader.group_of_code()
+    moments = cap.moments[layer.index]
+    check_groups_present(cap, reader)
+    d = layer.in_features
+    merged = [Moments(d), Moments(d)]
+    for c, mom in enumerate(moments):
+        merged[int(group_of[c])].merge(mom)
+    for g in (0, 1):
+        n_g = merged[g].n
+        if n_g < 2:
+            raise DataError(f"{reader.table.name}: group {labels[g]!r} has {n_g} fit row{'s' if n_g != 1 else ''}; "
+                            "at least 2 are needed (add rows or lower --holdout)")
+        if n_g < d:
+            notes.append(f"group {labels[g]!r} has {n_g} fit rows, fewer than the layer width {d}: its covariance "
+                         "is rank deficient, so the second-moment step sees only part of the disparity")
+    return LayerStats.from_moments(merged[0], merged[1])
+
+
+def report_outputs(model: onnx.ModelProto, reader: RowReader, holdout: float,
+                    progress: Progress) -> np.ndarray:
+    """Pass 3: the model's output on the report rows, [rows, k] float64, in data order."""
+    out_name = model.graph.output[0].name
+    preds = []
+    runner = Runner(model, [out_name], optimize=True)
+    done = 0
+    for rows in reader():
+        report = report_mask(rows, holdout)
+        if not report.any():
+            continue
+        n = int(report.sum())
+        feeds = {k: v[report] for k, v in rows.feeds.items()}
+        preds.append(as_rows(runner.run(feeds)[out_name], n, f"model output '{out_name}'"))
+        done += n
+        progress("report", done)
+    runner.close()
+    return np.concatenate(preds)
+
+
+def capture_metrics(cap: Capture, reader: RowReader, pred: np.ndarray | None = None) -> OutputMetrics:
+    """Output metrics of the report rows collected by `capture`, or of another model's outputs `pred`
+    on the same rows (in the same order)."""
+    if not cap.pred:
+        raise DataError(f"{reader.table.name}: no rows of the two groups to measure")
+    labels = reader.group_labels()
+    in_group1 = reader.group_of_code()[np.concatenate(cap.code)] == 1
+    target = np.concatenate(cap.target) if cap.target else None
+    return output_metrics(np.concatenate(cap.pred) if pred is None else pred, in_group1, labels, target)
+
+
+def check_groups_present(cap: Capture, reader: RowReader) -> None:
+    """With --groups, both values must occur among the rows read."""
+    if reader.wanted is None:
+        return
+    seen: set[int] = set()
+    for codes in cap.code:
+        seen.update(np.unique(codes).tolist())
+    for moments in cap.moments.values():
+        seen.update(c for c, m in enumerate(moments) if m.n)
+    for c, label in enumerate(reader.wanted):
+        if c not in seen:
+            others = ", ".join(sorted(repr(x) for x in reader.other_labels)) or "none"
+            raise DataError(f"{reader.table.name}: --groups value {label!r} is not in column "
+                            f"'{reader.spec.group}' (other values seen: {others})")
