@@ -13,57 +13,16 @@ training nor the repair saw.
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import logging
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "fixtures"))
-
-import onnx_esvd  # noqa: E402
-from make_fixtures import load_law_school, train_torch  # noqa: E402
-
-WIDTHS = [5, 256, 256, 256, 256, 1]
-
-
-def _mlp(torch):
-    layers = []
-    for i in range(len(WIDTHS) - 1):
-        layers.append(torch.nn.Linear(WIDTHS[i], WIDTHS[i + 1]))
-        if i < len(WIDTHS) - 2:
-            layers.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*layers)
-
-
-def _export_torch(torch, net, sample, dynamo: bool) -> onnx.ModelProto:
-    class Squeezed(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            return self.net(x).squeeze(-1)
-
-    module = Squeezed() if dynamo else net
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            prog = torch.onnx.export(module, (sample,), dynamo=True, input_names=["x"], output_names=["y"],
-                                     dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, report=False,
-                                     verbose=False)
-            return prog.model_proto
-        buf = io.BytesIO()
-        torch.onnx.export(module, (sample,), buf, dynamo=False, opset_version=17, input_names=["x"],
-                          output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
-        return onnx.load_from_string(buf.getvalue())
+import _lawschool as law
+import onnx_esvd
 
 
 def _sklearn(X, y, seed) -> onnx.ModelProto:
@@ -72,7 +31,7 @@ def _sklearn(X, y, seed) -> onnx.ModelProto:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPRegressor
 
-    sk = MLPRegressor(hidden_layer_sizes=tuple(WIDTHS[1:-1]), batch_size=128, learning_rate_init=1e-3,
+    sk = MLPRegressor(hidden_layer_sizes=tuple(law.WIDTHS[1:-1]), batch_size=128, learning_rate_init=1e-3,
                       max_iter=20, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -81,52 +40,37 @@ def _sklearn(X, y, seed) -> onnx.ModelProto:
                            target_opset=17)
 
 
-def _evaluate(model: onnx.ModelProto, X, y, black) -> tuple[float, float]:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    pred = sess.run(None, {sess.get_inputs()[0].name: X})[0].reshape(-1).astype(np.float64)
-    return float(np.mean((pred - y) ** 2)), onnx_esvd.ks_statistic(pred[black], pred[~black])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--calib", choices=["train", "val"], default="train",
                     help="rows the repair is fitted on (train: the model's training rows, as in the paper)")
-    ap.add_argument("--source", type=Path, default=ROOT.parent / "shared/data/law_school/bar_pass_prediction.csv")
+    ap.add_argument("--source", type=Path, default=law.DEFAULT_SOURCE)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
     import torch
 
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     torch.set_num_threads(2)
-    raw, y, race, _ = load_law_school(args.source)
+    raw, y, race = law.load(args.source)
     rows: list[dict] = []
     t_start = time.perf_counter()
     for seed in range(args.seeds):
-        perm = np.random.default_rng(seed).permutation(len(y))
-        n_tr, n_va = int(0.70 * len(y)), int(0.15 * len(y))
-        tr, va, te = perm[:n_tr], perm[n_tr:n_tr + n_va], perm[n_tr + n_va:]
-        mean, std = raw[tr].mean(0), raw[tr].std(0)
-        X = ((raw - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
-        torch.manual_seed(seed)
-        net = _mlp(torch)
-        train_torch(net, X[tr], y[tr].reshape(-1, 1), seed=seed)
+        data = law.split(raw, y, race, seed)
+        net = law.train(torch, data, seed)
         models = {
-            "torch legacy": _export_torch(torch, net, torch.from_numpy(X[:4]), dynamo=False),
-            "torch dynamo": _export_torch(torch, net, torch.from_numpy(X[:4]), dynamo=True),
-            "skl2onnx": _sklearn(X[tr], y[tr], seed),
+            "torch legacy": law.export(torch, net, data.X[:4], dynamo=False),
+            "torch dynamo": law.export(torch, net, data.X[:4], dynamo=True),
+            "skl2onnx": _sklearn(data.X[data.train], data.y[data.train], seed),
         }
-        calib = tr if args.calib == "train" else va
+        calib = data.train if args.calib == "train" else data.val
         for name, model in models.items():
-            input_name = model.graph.input[0].name
-            data = {input_name: X[calib], "race1": race[calib], "ugpa": y[calib]}
             t0 = time.perf_counter()
-            result = onnx_esvd.repair(model, data, layer=-2, group="race1", target="ugpa")
+            result = onnx_esvd.repair(model, data.table(calib, model.graph.input[0].name), layer=-2,
+                                      group="race1", target="ugpa")
             seconds = time.perf_counter() - t0
-            black = race[te] == "black"
-            mse0, ks0 = _evaluate(model, X[te], y[te], black)
-            mse1, ks1 = _evaluate(result.model, X[te], y[te], black)
+            mse0, ks0 = law.scores(law.predict(model, data.X[data.test]), data, data.test)
+            mse1, ks1 = law.scores(law.predict(result.model, data.X[data.test]), data, data.test)
             row = dict(seed=seed, exporter=name, mse_before=mse0, mse_after=mse1, ks_before=ks0, ks_after=ks1,
                        ks_cut=1 - ks1 / ks0, mse_ratio=mse1 / mse0, repair_seconds=seconds)
             rows.append(row)

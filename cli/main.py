@@ -211,7 +211,7 @@ def check(
         from .report import check_report
 
         if junit is not None:
-            check_output_path(junit, inputs=(model, data), force=True)
+            check_output_path(junit, inputs=(model, data), force=True, option="--junit")
         started = time.perf_counter()
         result = run_check(model, data, group=group, groups=_split(groups), target=target,
                            features=_split(features), max_ks=max_ks, max_mean_gap=max_mean_gap,

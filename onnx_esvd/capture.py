@@ -260,9 +260,7 @@ def capture(model: onnx.ModelProto, layers: Sequence[LinearLayer], reader: RowRe
     out_name = model.graph.output[0].name
     tensors = list(dict.fromkeys(layer.input for layer in layers))
     elem = {layer.input: layer.elem_type for layer in layers}
-    # Capture needs graph optimisation off; a plain output pass (no layers) may optimise.
-    runner = Runner(with_outputs(model, [(t, elem[t]) for t in tensors]), [*tensors, out_name],
-                    optimize=not layers)
+    runner = Runner(with_outputs(model, [(t, elem[t]) for t in tensors]), [*tensors, out_name])
     cap = Capture(moments={layer.index: [] for layer in layers})
     done = 0
     for rows in reader(first_pass=True):
@@ -321,7 +319,7 @@ def report_outputs(model: onnx.ModelProto, reader: RowReader, holdout: float,
     """Pass 3: the model's output on the report rows, [rows, k] float64, in data order."""
     out_name = model.graph.output[0].name
     preds = []
-    runner = Runner(model, [out_name], optimize=True)
+    runner = Runner(model, [out_name])
     done = 0
     for rows in reader():
         report = report_mask(rows, holdout)

@@ -72,23 +72,27 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
     return LoadedModel(model, path, external)
 
 
-def check_output_path(output: Path, *, inputs: tuple[Path, ...] = (), force: bool = False) -> Path:
-    """Refuse an output that is an input, exists without `force`, or sits in a missing/unwritable dir."""
+def check_output_path(output: Path, *, inputs: tuple[Path, ...] = (), force: bool = False,
+                      option: str = "-o") -> Path:
+    """Refuse an output that is an input, exists without `force`, or sits in a missing/unwritable dir.
+
+    `option` is the command-line option the messages tell the user to change.
+    """
     out = Path(output)
     for src in inputs:
         if src is not None and out.exists() and src.exists() and os.path.samefile(out, src):
-            raise OutputError(f"{out}: the output would overwrite the input; choose another path with -o")
+            raise OutputError(f"{out}: the output would overwrite the input; choose another path with {option}")
         if src is not None and out.resolve() == Path(src).resolve():
-            raise OutputError(f"{out}: the output would overwrite the input; choose another path with -o")
+            raise OutputError(f"{out}: the output would overwrite the input; choose another path with {option}")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        raise OutputError(f"{out}: directory '{parent}' does not exist; create it or choose another -o")
+        raise OutputError(f"{out}: directory '{parent}' does not exist; create it or choose another {option}")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{out}: directory '{parent}' is not writable; choose another -o")
+        raise OutputError(f"{out}: directory '{parent}' is not writable; choose another {option}")
     if out.is_dir():
-        raise OutputError(f"{out}: is a directory; give a file name with -o")
+        raise OutputError(f"{out}: is a directory; give a file name with {option}")
     if out.exists() and not force:
-        raise OutputError(f"{out}: already exists; pass --force to overwrite it or choose another -o")
+        raise OutputError(f"{out}: already exists; pass --force to overwrite it or choose another {option}")
     return out
 
 
