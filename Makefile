@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv dev clean fixtures
+.PHONY: demo test venv dev clean fixtures bench-paper bench-exporters
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,10 +32,22 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
 
-# Regenerate the committed fixtures (needs torch==2.13.0, onnxscript, scikit-learn, skl2onnx).
-fixtures: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet torch==2.13.0 onnxscript scikit-learn skl2onnx
+# Benchmark and fixture tools: torch==2.13.0 (CPU), onnxscript, scikit-learn, skl2onnx, matplotlib.
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	touch $@ $(VENV)/.installed
+
+# Regenerate the committed fixtures.
+fixtures: $(VENV)/.installed-bench
 	$(BIN)/python fixtures/make_fixtures.py
+
+# The paper's Law School table, the baselines and the c1/c2 trade-off plot (about 3 minutes).
+bench-paper: $(VENV)/.installed-bench
+	$(BIN)/python benchmarks/paper_law_school.py --seeds 10 --plot docs/law_school_tradeoff.png
+
+# The default repair on models from torch's two exporters and skl2onnx.
+bench-exporters: $(VENV)/.installed-bench
+	$(BIN)/python benchmarks/exporters_law_school.py --seeds 5
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .hypothesis

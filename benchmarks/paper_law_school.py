@@ -94,25 +94,28 @@ def _plot(path: Path, sweep: dict, methods: dict) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("--plot needs matplotlib: pip install -e '.[bench]'") from None
-    fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=120)
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12, 5), dpi=110)
+    colors = dict(zip(C2_GRID, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
     for c2 in C2_GRID:
         pts = np.array([np.mean(sweep[(c1, c2)], axis=0) for c1 in C1_GRID])
-        ax.plot(pts[:, 1], pts[:, 0], marker="o", label=f"ESVD + fair, c2 = {c2} (c1 = 1 … 150)")
+        for axis in (ax, zoom):
+            axis.plot(pts[:, 1], pts[:, 0], marker="o", ms=4, color=colors[c2], label=f"ESVD + fair, c2 = {c2}")
         for c1, (mse, ks) in zip(C1_GRID, pts):
-            if c2 == C2_GRID[-1] or c1 in (1, 150):
-                ax.annotate(f"c1={c1}", (ks, mse), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            zoom.annotate(f"{c1}", (ks, mse), fontsize=7, color=colors[c2], xytext=(3, 2), textcoords="offset points")
     marks = {"no repair": ("k", "s"), "ESVD + plain LS (Algorithm 2)": ("tab:gray", "v"),
              "Chzhen et al. barycenter (needs race at inference)": ("tab:purple", "D")}
     for name, (color, marker) in marks.items():
         mse, ks = np.mean(methods[name], axis=0)
         ax.scatter([ks], [mse], color=color, marker=marker, s=60, zorder=5, label=name)
     mse, ks = PAPER["ESVDFair (paper)"]
-    ax.scatter([ks], [mse], color="tab:red", marker="*", s=120, zorder=5, label="ESVDFair, paper's Table 1")
-    ax.set_xlabel("KS between the groups' predictions (test split, lower is fairer)")
-    ax.set_ylabel("test MSE")
-    ax.set_title(f"Law School, paper MLP, mean over {len(methods['no repair'])} seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.scatter([ks], [mse], color="tab:red", marker="*", s=140, zorder=5, label="ESVDFair, the paper's Table 1")
+    ax.set_title(f"Law School, paper MLP, test split, mean of {len(methods['no repair'])} seeds")
+    zoom.set_title("the sweep up close (labels: c1)")
+    for axis in (ax, zoom):
+        axis.set_xlabel("KS between the groups' predictions (lower is fairer)")
+        axis.set_ylabel("test MSE")
+        axis.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -126,7 +129,14 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=None, help="write the trade-off plot (PNG) there")
     ap.add_argument("--json", type=Path, default=None, help="write every measured value there")
     ap.add_argument("--source", type=Path, default=law.DEFAULT_SOURCE)
+    ap.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                    help="only redraw --plot from the values an earlier run wrote with --json")
     args = ap.parse_args()
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        sweep = {tuple(int(c) for c in key.split(",")): v for key, v in saved["sweep"].items()}
+        _plot(args.plot or Path("docs/law_school_tradeoff.png"), sweep, saved["methods"])
+        return
 
     import torch
 
