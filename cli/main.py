@@ -29,6 +29,7 @@ app = typer.Typer(
 ModelArg = Annotated[Path, typer.Argument(help="The ONNX model file.", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress line on stderr.")]
 DataOpt = Annotated[Path, typer.Option("--data", help="Calibration data: CSV with a header line, or .npz.",
                                        show_default=False)]
 GroupOpt = Annotated[str, typer.Option("--group", help="Column holding the sensitive attribute.",
@@ -118,6 +119,7 @@ def repair(
                                                                           ".esvd.onnx next to MODEL).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Patch one linear layer with the explainable-SVD correction, refit the final node, write a new model."""
@@ -127,6 +129,7 @@ def repair(
         from onnx_esvd._json import dumps
         from onnx_esvd.modelio import check_output_path
 
+        from .progress import Progress
         from .report import repair_report
 
         out = output if output is not None else default_output_path(model)
@@ -139,11 +142,15 @@ def repair(
                 ridge_value = float(ridge)
             except ValueError:
                 raise OptionError(f"--ridge {ridge!r} is invalid; give 'auto' or a number >= 0") from None
-        result = run_repair(
-            model, data, layer=layer, group=group, groups=_split(groups), target=target,
-            features=_split(features), c1=c1, c2=c2, eps=eps, refit=refit, ridge=ridge_value,  # type: ignore[arg-type]
-            holdout=holdout, seed=seed, batch_size=batch_size,
-        )
+        progress = Progress(quiet=quiet)
+        try:
+            result = run_repair(
+                model, data, layer=layer, group=group, groups=_split(groups), target=target,
+                features=_split(features), c1=c1, c2=c2, eps=eps, refit=refit, ridge=ridge_value,  # type: ignore[arg-type]
+                holdout=holdout, seed=seed, batch_size=batch_size, progress=progress,
+            )
+        finally:
+            progress.close()
         written = result.save(out, force=force, source=model)
         if json_out:
             typer.echo(dumps({"model": str(model), "output": str(written), **result.to_dict()}, indent=2))
@@ -165,6 +172,7 @@ def audit(
                                                    "count.")] = 3,
     batch_size: BatchOpt = 4096,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Where the disparity lives: output metrics and, per layer, the moment gaps and their SVD bounds."""
@@ -172,10 +180,16 @@ def audit(
         from onnx_esvd import audit as run_audit
         from onnx_esvd._json import dumps
 
+        from .progress import Progress
         from .report import audit_report
 
-        result = run_audit(model, data, group=group, groups=_split(groups), target=target,
-                           features=_split(features), eps=eps, top=top, batch_size=batch_size)
+        progress = Progress(quiet=quiet)
+        try:
+            result = run_audit(model, data, group=group, groups=_split(groups), target=target,
+                               features=_split(features), eps=eps, top=top, batch_size=batch_size,
+                               progress=progress)
+        finally:
+            progress.close()
         typer.echo(dumps(result.to_dict(), indent=2) if json_out else audit_report(result))
 
 
@@ -198,6 +212,7 @@ def check(
                                                                                   "report there.")] = None,
     batch_size: BatchOpt = 4096,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Fairness gate for CI: exit 0 when every threshold holds, 1 when one is exceeded, 2 on bad input."""
@@ -208,14 +223,19 @@ def check(
         from onnx_esvd._json import dumps
         from onnx_esvd.modelio import check_output_path, write_text_atomic
 
+        from .progress import Progress
         from .report import check_report
 
         if junit is not None:
             check_output_path(junit, inputs=(model, data), force=True, option="--junit")
         started = time.perf_counter()
-        result = run_check(model, data, group=group, groups=_split(groups), target=target,
-                           features=_split(features), max_ks=max_ks, max_mean_gap=max_mean_gap,
-                           max_mse=max_mse, max_mae=max_mae, batch_size=batch_size)
+        progress = Progress(quiet=quiet)
+        try:
+            result = run_check(model, data, group=group, groups=_split(groups), target=target,
+                               features=_split(features), max_ks=max_ks, max_mean_gap=max_mean_gap,
+                               max_mse=max_mse, max_mae=max_mae, batch_size=batch_size, progress=progress)
+        finally:
+            progress.close()
         if junit is not None:
             write_text_atomic(junit, result.junit_xml(time.perf_counter() - started))
         typer.echo(dumps(result.to_dict(), indent=2) if json_out else check_report(result))

@@ -231,10 +231,12 @@ def _sort_key(label: str) -> tuple:
 
 
 def as_rows(arr: np.ndarray, n: int, what: str) -> np.ndarray:
+    """`arr` as [n, k]: float32 and float64 outputs keep their dtype (the report keeps one value per
+    row, so it stays compact); anything else becomes float64."""
     a = np.asarray(arr)
     if a.ndim == 0 or a.shape[0] != n:
         raise ModelError(f"{what} has shape {list(a.shape)}, which is not one row per data row ({n} rows)")
-    return a.reshape(n, -1).astype(np.float64)
+    return a.reshape(n, -1) if a.dtype in (np.float32, np.float64) else a.reshape(n, -1).astype(np.float64)
 
 
 @dataclass
@@ -267,7 +269,8 @@ def capture(model: onnx.ModelProto, layers: Sequence[LinearLayer], reader: RowRe
         out = runner.run(rows.feeds)
         n = len(rows.code)
         fit = rows.u >= holdout
-        cf = rows.code[fit]
+        # one boolean mask per label code present among the fit rows, shared by every layer
+        masks = [(int(c), fit & (rows.code == c)) for c in np.unique(rows.code[fit])]
         for layer in layers:
             d = layer.in_features
             x = np.asarray(out[layer.input])
@@ -277,13 +280,12 @@ def capture(model: onnx.ModelProto, layers: Sequence[LinearLayer], reader: RowRe
             moments = cap.moments[layer.index]
             while len(moments) < max(2, len(reader.labels)):
                 moments.append(Moments(d))
-            xf = x[fit]
-            for c in np.unique(cf):
-                moments[c].add(xf[cf == c])
+            for c, mask in masks:
+                moments[c].add(x[mask])
         report = report_mask(rows, holdout)
         if report.any():
             cap.pred.append(as_rows(out[out_name], n, f"model output '{out_name}'")[report])
-            cap.code.append(rows.code[report])
+            cap.code.append(rows.code[report].astype(np.int8))
             if rows.target is not None:
                 cap.target.append(rows.target[report])
         done += n

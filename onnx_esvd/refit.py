@@ -39,8 +39,10 @@ class RefitAccumulator:
 
     def add(self, z: np.ndarray, t: np.ndarray, in_group1: np.ndarray, in_val: np.ndarray) -> None:
         """Add rows `z: [n, p]`, `t: [n, m]` with bool masks `[n]`."""
-        u = np.concatenate([np.asarray(z, np.float64).reshape(len(z), -1),
-                            np.asarray(t, np.float64).reshape(len(t), -1)], axis=1)
+        n = len(z)
+        u = np.empty((n, self.p + self.m), dtype=np.float64)
+        u[:, :self.p] = np.asarray(z).reshape(n, -1)
+        u[:, self.p:] = np.asarray(t).reshape(n, -1)
         for part, pmask in (("train", ~in_val), ("val", in_val)):
             for g, gmask in ((0, ~in_group1), (1, in_group1)):
                 rows = u[pmask & gmask]

@@ -31,13 +31,12 @@ class Moments:
         return self.mean.shape[0]
 
     def add(self, rows: np.ndarray) -> None:
-        """Reduce a batch `rows: [n, d]` and merge it in."""
+        """Reduce a batch `rows: [n, d]` (any float dtype; reduced in float64) and merge it in."""
         n_b = rows.shape[0]
         if n_b == 0:
             return
-        x = np.asarray(rows, dtype=np.float64)
-        mean_b = x.mean(axis=0)
-        xc = x - mean_b
+        mean_b = rows.mean(axis=0, dtype=np.float64)
+        xc = np.subtract(rows, mean_b, dtype=np.float64)  # centred in float64: one copy
         self._merge(n_b, mean_b, xc.T @ xc)
 
     def merge(self, other: "Moments") -> None:
