@@ -18,7 +18,7 @@ from .data import Table, _label_text
 from .errors import DataError, LayerError, ModelError, OptionError
 from .graph import LinearLayer, model_inputs, with_outputs
 from .metrics import OutputMetrics, output_metrics
-from .runtime import Runner
+from .runtime import Runner, pipelined
 from .stats import LayerStats, Moments
 
 Progress = Callable[[str, int], None]
@@ -265,8 +265,7 @@ def capture(model: onnx.ModelProto, layers: Sequence[LinearLayer], reader: RowRe
     runner = Runner(with_outputs(model, [(t, elem[t]) for t in tensors]), [*tensors, out_name])
     cap = Capture(moments={layer.index: [] for layer in layers})
     done = 0
-    for rows in reader(first_pass=True):
-        out = runner.run(rows.feeds)
+    for rows, out in pipelined(reader(first_pass=True), lambda r: runner.run(r.feeds)):
         n = len(rows.code)
         fit = rows.u >= holdout
         # one boolean mask per label code present among the fit rows, shared by every layer
@@ -323,13 +322,15 @@ def report_outputs(model: onnx.ModelProto, reader: RowReader, holdout: float,
     preds = []
     runner = Runner(model, [out_name])
     done = 0
-    for rows in reader():
-        report = report_mask(rows, holdout)
-        if not report.any():
-            continue
-        n = int(report.sum())
-        feeds = {k: v[report] for k, v in rows.feeds.items()}
-        preds.append(as_rows(runner.run(feeds)[out_name], n, f"model output '{out_name}'"))
+    def report_rows() -> Iterator[dict[str, np.ndarray]]:
+        for rows in reader():
+            report = report_mask(rows, holdout)
+            if report.any():
+                yield {k: v[report] for k, v in rows.feeds.items()}
+
+    for feeds, out in pipelined(report_rows(), runner.run):
+        n = len(next(iter(feeds.values())))
+        preds.append(as_rows(out[out_name], n, f"model output '{out_name}'"))
         done += n
         progress("report", done)
     runner.close()

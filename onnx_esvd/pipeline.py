@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import onnx
@@ -24,12 +24,12 @@ from .errors import DataError, LayerError, ModelError, OptionError
 from .esvd import EsvdResult, esvd
 from .graph import (LinearLayer, find_layers, output_path_is_value_preserving,
                     read_weight, select_layer, with_outputs, write_bias, write_weight)
-from .capture import (DataSpec, data_spec, Progress, RowReader, as_rows, capture, capture_metrics, group_stats,
+from .capture import (DataSpec, Rows, data_spec, Progress, RowReader, as_rows, capture, capture_metrics, group_stats,
                       plan_inputs, report_outputs)
 from .data import Table, open_table
 from .metrics import OutputMetrics
 from .modelio import LoadedModel, check_output_path, load_model, save_model
-from .runtime import Runner
+from .runtime import Runner, pipelined
 
 METADATA_KEY = "onnx_esvd.repair"
 
@@ -261,20 +261,27 @@ def _refit(original: onnx.ModelProto, patched: onnx.ModelProto, final: LinearLay
     group_of = reader.group_of_code()
     h = options.holdout
     done = 0
-    for rows in reader():
-        fit = rows.u >= h
-        if not fit.any():
-            continue
-        feeds = {k: v[fit] for k, v in rows.feeds.items()}
+    def fit_rows() -> Iterator[tuple[Rows, np.ndarray, dict[str, np.ndarray]]]:
+        for rows in reader():
+            fit = rows.u >= h
+            if fit.any():
+                yield rows, fit, {k: v[fit] for k, v in rows.feeds.items()}
+
+    def run(item: tuple[Rows, np.ndarray, dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray | None]:
+        feeds = item[2]
+        z = runner.run(feeds)[final.input]
+        return z, None if teacher is None else teacher.run(feeds)[final.output]
+
+    for (rows, fit, feeds), (z_out, t_out) in pipelined(fit_rows(), run):
         n = int(fit.sum())
-        z = as_rows(runner.run(feeds)[final.input], n, f"input '{final.input}' of the final node")
+        z = as_rows(z_out, n, f"input '{final.input}' of the final node")
         if z.shape[1] != p:
             raise LayerError(f"final node '{final.name}' receives '{final.input}' with {z.shape[1]} columns per row; "
                              f"only inputs of shape [rows, {p}] can be refitted (use --refit none)")
         if use_label:
             t = rows.target[fit].reshape(n, 1)
         else:
-            t = as_rows(teacher.run(feeds)[final.output], n, f"output '{final.output}' of the final node")
+            t = as_rows(t_out, n, f"output '{final.output}' of the final node")
         in_val = (rows.u[fit] - h) / (1.0 - h) < refit_mod.RIDGE_VALIDATION_SHARE
         acc.add(z, t, group_of[rows.code[fit]] == 1, in_val)
         done += n

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import onnx
 
 from .errors import ModelError
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 # Protobuf cannot serialise a model past 2 GiB; leave room for the graph itself.
 _INLINE_LIMIT = 2**31 - 2**26
@@ -72,3 +76,20 @@ class Runner:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def pipelined(items: Iterable[T], work: Callable[[T], R]) -> Iterator[tuple[T, R]]:
+    """Yield `(item, work(item))` in order, running `work` on the next item in a worker thread while
+    the caller reduces the current one (onnxruntime and numpy's BLAS both release the GIL).
+
+    At most one item is in flight, so memory stays at two batches.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-esvd-run") as pool:
+        pending = None
+        for item in items:
+            future = pool.submit(work, item)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (item, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
