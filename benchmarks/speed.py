@@ -73,14 +73,16 @@ def write_csv(path: Path, rows: int, seed: int, copies: int = 1) -> None:
     """`rows` seeded rows, written `copies` times (the memory test only needs many rows, not new ones)."""
     header = ",".join(f"x{j}" for j in range(FEATURES)) + ",g,y\n"
     chunk = 100_000
-    with open(path, "w") as f:
-        f.write(header)
-        for copy in range(copies):
-            for start in range(0, rows, chunk):
-                x, g, y = make_rows(min(chunk, rows - start), seed + start)
-                body = np.char.add(np.char.add(_fmt(x), ","), np.char.add(np.char.add(g, ","), _fmt(y[:, None])))
-                f.write("\n".join(body.tolist()))
-                f.write("\n")
+    parts = []
+    for start in range(0, rows, chunk):
+        x, g, y = make_rows(min(chunk, rows - start), seed + start)
+        body = np.char.add(np.char.add(_fmt(x), ","), np.char.add(np.char.add(g, ","), _fmt(y[:, None])))
+        parts.append("\n".join(body.tolist()) + "\n")
+    text = "".join(parts).encode()
+    with open(path, "wb") as f:
+        f.write(header.encode())
+        for _ in range(copies):
+            f.write(text)
 
 
 def _fmt(a: np.ndarray) -> np.ndarray:

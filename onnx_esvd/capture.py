@@ -62,8 +62,13 @@ def source_name(obj: Any) -> str:
 
 def row_uniform(seed: int, start: int, n: int) -> np.ndarray:
     """A seeded uniform [0, 1) per global row index (splitmix64), independent of batch sizes."""
+    return row_uniform_at(seed, np.arange(start, start + n, dtype=np.uint64))
+
+
+def row_uniform_at(seed: int, index: np.ndarray) -> np.ndarray:
+    """`row_uniform` for arbitrary global row indices."""
     with np.errstate(over="ignore"):
-        z = np.arange(start, start + n, dtype=np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + 1) % 2**64)
+        z = np.asarray(index, dtype=np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + 1) % 2**64)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
@@ -160,6 +165,7 @@ class RowReader:
         self.total = 0
         self.skipped = 0
         self.other_labels: set[str] = set()
+        self._row_codes: list[np.ndarray] = []
 
     def _codes(self, labels: np.ndarray) -> np.ndarray:
         uniq, inverse = np.unique(labels, return_inverse=True)
@@ -184,17 +190,29 @@ class RowReader:
             codes[i] = self.code_of[lab]
         return codes[inverse.reshape(-1)]
 
-    def __call__(self, first_pass: bool = False) -> Iterator[Rows]:
-        for batch in self.table.batches(self.numeric, self.spec.group, self.batch_size):
-            code = self._codes(batch.labels)
-            keep = code >= 0
+    def __call__(self, first_pass: bool = False, select: str = "all", holdout: float = 0.0) -> Iterator[Rows]:
+        """Batches of the rows of the two groups.
+
+        The first pass reads the group column and remembers every row's label code (one byte a row).
+        Later passes take the codes from there and read only the rows they need: `select` "fit"
+        (u >= holdout), "report" (u < holdout, or every row with holdout 0) or "all".
+        """
+        keep = None if first_pass else self._selector(select, holdout)
+        label = self.spec.group if first_pass else None
+        for batch in self.table.batches(self.numeric, label, self.batch_size, keep=keep):
+            index = batch.row_index()
             if first_pass:
+                code = self._codes(batch.labels)
+                self._row_codes.append(code.astype(np.int8))
                 self.total += len(code)
-                self.skipped += int((~keep).sum())
-            values = batch.values if keep.all() else batch.values[keep]
-            idx = np.flatnonzero(keep) + batch.start
-            if not len(idx):
+                self.skipped += int((code < 0).sum())
+            else:
+                code = self.row_codes[index].astype(np.int64)
+            mask = code >= 0
+            if not mask.any():
                 continue
+            values = batch.values if mask.all() else batch.values[mask]
+            index, code = index[mask], code[mask]
             feeds, j = {}, 0
             for inp in self.inputs:
                 block = values[:, j:j + len(inp.columns)]
@@ -202,8 +220,26 @@ class RowReader:
                 arr = block.astype(inp.dtype)
                 feeds[inp.name] = arr.reshape(-1) if inp.rank == 1 else arr
             target = values[:, j] if self.spec.target else None
-            u = row_uniform(self.seed, batch.start, len(code))[keep]
-            yield Rows(feeds, code[keep], target, u)
+            yield Rows(feeds, code, target, row_uniform_at(self.seed, index))
+
+    @property
+    def row_codes(self) -> np.ndarray:
+        """Label code of every row of the data (-1: neither group), known after the first pass."""
+        if len(self._row_codes) != 1:
+            self._row_codes = [np.concatenate(self._row_codes) if self._row_codes else np.zeros(0, np.int8)]
+        return self._row_codes[0]
+
+    def _selector(self, select: str, holdout: float):
+        codes = self.row_codes
+
+        def keep(start: int, n: int) -> np.ndarray:
+            mask = codes[start:start + n] >= 0
+            if select == "all" or (select == "report" and holdout <= 0):
+                return mask
+            u = row_uniform(self.seed, start, n)
+            return mask & (u >= holdout if select == "fit" else u < holdout)
+
+        return keep
 
     def group_labels(self) -> tuple[str, str]:
         """Labels of group 0 and group 1 after the first pass; code c of the pass maps to group order[c]."""
@@ -323,10 +359,8 @@ def report_outputs(model: onnx.ModelProto, reader: RowReader, holdout: float,
     runner = Runner(model, [out_name])
     done = 0
     def report_rows() -> Iterator[dict[str, np.ndarray]]:
-        for rows in reader():
-            report = report_mask(rows, holdout)
-            if report.any():
-                yield {k: v[report] for k, v in rows.feeds.items()}
+        for rows in reader(select="report", holdout=holdout):
+            yield rows.feeds
 
     for feeds, out in pipelined(report_rows(), runner.run):
         n = len(next(iter(feeds.values())))

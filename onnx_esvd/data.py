@@ -30,12 +30,25 @@ class Batch:
         values: [n, k] float64, the requested numeric columns in the requested order.
         labels: [n] str, the group label of each row (None when no label column was asked for).
         lines: [n] file line number of each row (CSV only; messages name lines, not rows).
+        index: [n] global row index of each row when only some rows were read (see `keep`).
     """
 
     start: int
     values: np.ndarray
     labels: np.ndarray | None
     lines: np.ndarray | None = None  # [n] file line numbers (CSV), used in messages
+    index: np.ndarray | None = None  # [n] global row indices when rows were selected; None: start + arange(n)
+
+    def row_index(self) -> np.ndarray:
+        """Global (0-based) index of each row of the batch."""
+        if self.index is not None:
+            return self.index
+        return np.arange(self.start, self.start + self.values.shape[0], dtype=np.int64)
+
+    def select(self, mask: np.ndarray) -> "Batch":
+        """The rows where `mask` is True."""
+        return Batch(self.start, self.values[mask], None if self.labels is None else self.labels[mask],
+                     None if self.lines is None else self.lines[mask], self.row_index()[mask])
 
 
 @runtime_checkable
@@ -98,15 +111,22 @@ class Table:
     name: str
     columns: tuple[str, ...]
 
-    def batches(self, numeric: Sequence[str], label: str | None, batch_size: int) -> Iterator[Batch]:
+    def batches(self, numeric: Sequence[str], label: str | None, batch_size: int,
+                keep: Callable[[int, int], np.ndarray] | None = None) -> Iterator[Batch]:
+        """Batches of about `batch_size` rows. `keep(start, n)` -> bool [n], if given, selects the rows of
+        each block of rows [start, start + n) to return (a CSV then parses only those)."""
         missing = [c for c in list(numeric) + ([label] if label else []) if c not in self.columns]
         if missing:
             raise DataError(f"{self.name}: no column '{missing[0]}' (columns: {', '.join(self.columns)})")
-        for batch in self._batches(list(numeric), label, batch_size):
+        for batch in self._batches(list(numeric), label, batch_size, keep):
+            if keep is not None and batch.index is None:
+                batch = batch.select(keep(batch.start, batch.values.shape[0]))
             _check_finite(batch, numeric, self.name)
             yield batch
 
-    def _batches(self, numeric: list[str], label: str | None, batch_size: int) -> Iterator[Batch]:
+    def _batches(self, numeric: list[str], label: str | None, batch_size: int,
+                 keep: Callable[[int, int], np.ndarray] | None) -> Iterator[Batch]:
+        """Blocks of consecutive rows; may apply `keep` itself (then it sets `Batch.index`)."""
         raise NotImplementedError
 
 
@@ -135,10 +155,11 @@ class CsvTable(Table):
             raise DataError(f"{path}: column '{dupes[0]}' appears twice in the header; make column names unique")
         self.columns = tuple(header)
 
-    def _batches(self, numeric: list[str], label: str | None, batch_size: int) -> Iterator[Batch]:
+    def _batches(self, numeric: list[str], label: str | None, batch_size: int,
+                 keep: Callable[[int, int], np.ndarray] | None) -> Iterator[Batch]:
         idx = [self.columns.index(c) for c in numeric]
         lidx = self.columns.index(label) if label else None
-        start = 0
+        start = 0  # index of the next data row (blank lines are not rows)
         next_line = 2  # the header is line 1
         with open(self.path, newline="", encoding="utf-8") as f:
             f.readline()
@@ -146,18 +167,29 @@ class CsvTable(Table):
                 chunk = list(itertools.islice(f, batch_size))
                 if not chunk:
                     return
-                kept = [i for i, line in enumerate(chunk) if line.strip()]
+                if min(map(len, chunk)) > 2:  # no line can be blank: skip the per-line check
+                    kept = list(range(len(chunk)))
+                else:
+                    kept = [i for i, line in enumerate(chunk) if line.strip()]
                 line_numbers = np.asarray(kept, dtype=np.int64) + next_line
                 next_line += len(chunk)
-                if not kept:
-                    continue
-                lines = chunk if len(kept) == len(chunk) else [chunk[i] for i in kept]
-                values = self._parse(lines, idx, np.float64, numeric, line_numbers)
-                labels = None
-                if lidx is not None:
-                    labels = normalise_labels(self._parse(lines, [lidx], str, [label], line_numbers).reshape(-1))
-                yield Batch(start, values.reshape(len(lines), len(idx)), labels, line_numbers)
-                start += len(lines)
+                n_rows = len(kept)
+                index = None
+                if keep is not None and n_rows:  # parse only the rows asked for
+                    wanted = np.flatnonzero(keep(start, n_rows))
+                    index = wanted + start
+                    kept = [kept[i] for i in wanted]
+                    line_numbers = line_numbers[wanted]
+                if kept:
+                    lines = chunk if len(kept) == len(chunk) else [chunk[i] for i in kept]
+                    values = self._parse(lines, idx, np.float64, numeric, line_numbers)
+                    labels = None
+                    if lidx is not None:
+                        labels = normalise_labels(self._parse(lines, [lidx], str, [label], line_numbers).reshape(-1))
+                    yield Batch(start, values.reshape(len(lines), len(idx)), labels, line_numbers, index)
+                elif keep is not None and n_rows:
+                    yield Batch(start, np.zeros((0, len(idx))), None, line_numbers, index)
+                start += n_rows
 
     def _parse(self, lines: list[str], idx: list[int], dtype: Any, names: list[str],
                line_numbers: np.ndarray) -> np.ndarray:
@@ -267,7 +299,8 @@ class NpzTable(Table):
                     self._column_of[f"{key}_{j}"] = (key, j)
         self.columns = tuple(self._column_of)
 
-    def _batches(self, numeric: list[str], label: str | None, batch_size: int) -> Iterator[Batch]:
+    def _batches(self, numeric: list[str], label: str | None, batch_size: int,
+                 keep: Callable[[int, int], np.ndarray] | None) -> Iterator[Batch]:
         keys = sorted({self._column_of[c][0] for c in numeric + ([label] if label else [])})
         with zipfile.ZipFile(self.path) as zf:
             streams = {k: _NpyStream(zf, self._arrays[k][0], f"{self.path}: array '{k}'") for k in keys}
@@ -349,7 +382,8 @@ class ArrayTable(Table):
             raise DataError(f"{name}: arrays have different numbers of rows ({sorted(lengths)}); they must match")
         self.rows = lengths.pop() if lengths else 0
 
-    def _batches(self, numeric: list[str], label: str | None, batch_size: int) -> Iterator[Batch]:
+    def _batches(self, numeric: list[str], label: str | None, batch_size: int,
+                 keep: Callable[[int, int], np.ndarray] | None) -> Iterator[Batch]:
         for start in range(0, self.rows, batch_size):
             sl = {k: np.asarray(self._mapping[k])[start:start + batch_size] for k in self._mapping.keys()}
             yield _batch_from_mapping(sl, self._column_of, numeric, label, start, self.name)
@@ -372,7 +406,8 @@ class ReaderTable(Table):
         self._column_of = _columns_of(first, name)
         self.columns = tuple(self._column_of)
 
-    def _batches(self, numeric: list[str], label: str | None, batch_size: int) -> Iterator[Batch]:
+    def _batches(self, numeric: list[str], label: str | None, batch_size: int,
+                 keep: Callable[[int, int], np.ndarray] | None) -> Iterator[Batch]:
         start = 0
         for mapping in self._open():
             batch = _batch_from_mapping(mapping, self._column_of, numeric, label, start, self.name)

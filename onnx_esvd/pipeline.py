@@ -262,10 +262,8 @@ def _refit(original: onnx.ModelProto, patched: onnx.ModelProto, final: LinearLay
     h = options.holdout
     done = 0
     def fit_rows() -> Iterator[tuple[Rows, np.ndarray, dict[str, np.ndarray]]]:
-        for rows in reader():
-            fit = rows.u >= h
-            if fit.any():
-                yield rows, fit, {k: v[fit] for k, v in rows.feeds.items()}
+        for rows in reader(select="fit", holdout=h):
+            yield rows, np.ones(len(rows.code), dtype=bool), rows.feeds
 
     def run(item: tuple[Rows, np.ndarray, dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray | None]:
         feeds = item[2]

@@ -455,3 +455,28 @@ def test_csv_round_trip_property(tmp_path, rows, batch_size):
     v2, l2 = collect(open_table(arrays), ["u", "v"], "g", batch_size)
     np.testing.assert_array_equal(v2, values)
     assert list(l2) == expected
+
+
+def test_keep_reads_only_the_selected_rows_with_their_indices(tmp_path):
+    """Later passes ask for some rows only: a CSV parses just those, with the right global indices and
+    line numbers, and every table type returns the same rows as a full read."""
+    from onnx_esvd.data import ArrayTable, open_table
+
+    lines = ["a,b,g"] + [f"{i},{2 * i},{'x' if i % 3 else 'y'}" for i in range(50)]
+    lines.insert(10, "")  # a blank line is not a row
+    path = tmp_path / "t.csv"
+    path.write_text("\n".join(lines) + "\n")
+    full = np.concatenate([b.values for b in open_table(path).batches(["a", "b"], "g", 7)])
+
+    def keep(start, n):
+        return (np.arange(start, start + n) % 4) == 1
+
+    for table in (open_table(path), ArrayTable({"a": full[:, 0], "b": full[:, 1], "g": np.array(["x"] * 50)})):
+        batches = list(table.batches(["a", "b"], None, 7, keep=keep))
+        index = np.concatenate([b.row_index() for b in batches])
+        values = np.concatenate([b.values for b in batches])
+        assert np.array_equal(index, np.flatnonzero(np.arange(50) % 4 == 1))
+        assert np.array_equal(values, full[index])
+    csv_lines = np.concatenate([b.lines for b in open_table(path).batches(["a"], None, 7, keep=keep)])
+    # rows 0..8 are on lines 2..10, the blank line is line 11, so row r >= 9 is on line r + 3
+    assert np.array_equal(csv_lines, [r + 2 if r < 9 else r + 3 for r in np.flatnonzero(np.arange(50) % 4 == 1)])
