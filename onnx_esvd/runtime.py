@@ -53,7 +53,10 @@ class Runner:
                           location="model.onnx.data")
                 self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise ModelError(f"onnxruntime {ort.__version__} cannot load the model: {_first_line(exc)}") from exc
+            opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
+            raise ModelError(f"onnxruntime {ort.__version__} cannot load the model (opset {opsets}): "
+                             f"{_first_line(exc)}; if the opset is newer than this onnxruntime supports, upgrade "
+                             "onnxruntime or export the model with a lower opset") from exc
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch; returns {name: array} for every requested tensor."""
