@@ -277,6 +277,8 @@ class NpzTable(Table):
                         raise DataError(f"{path}: array '{key}' has {len(s.shape)} dimensions; store 1-D columns "
                                         "or 2-D [rows, width] blocks")
                     self._arrays[key] = (member, s.shape)
+        except DataError:
+            raise
         except zipfile.BadZipFile:
             raise DataError(f"{path}: not a valid .npz archive; save it with numpy.savez") from None
         except OSError as exc:
