@@ -17,7 +17,7 @@ import onnx
 from .data import Table, _label_text
 from .errors import DataError, LayerError, ModelError, OptionError
 from .graph import LinearLayer, model_inputs, with_outputs
-from .metrics import OutputMetrics, output_metrics
+from .metrics import OutputCollector, OutputMetrics
 from .runtime import Runner, pipelined
 from .stats import LayerStats, Moments
 
@@ -281,9 +281,7 @@ class Capture:
     the model output, label codes and targets of the report rows."""
 
     moments: dict[int, list[Moments]]  # layer index -> moments per label code
-    pred: list[np.ndarray] = field(default_factory=list)
-    code: list[np.ndarray] = field(default_factory=list)
-    target: list[np.ndarray] = field(default_factory=list)
+    report: OutputCollector = field(default_factory=OutputCollector)
 
 
 def report_mask(rows: Rows, holdout: float) -> np.ndarray:
@@ -319,10 +317,8 @@ def capture(model: onnx.ModelProto, layers: Sequence[LinearLayer], reader: RowRe
                 moments[c].add(x[mask])
         report = report_mask(rows, holdout)
         if report.any():
-            cap.pred.append(as_rows(out[out_name], n, f"model output '{out_name}'")[report])
-            cap.code.append(rows.code[report].astype(np.int8))
-            if rows.target is not None:
-                cap.target.append(rows.target[report])
+            cap.report.add(as_rows(out[out_name], n, f"model output '{out_name}'")[report], rows.code[report],
+                           None if rows.target is None else rows.target[report])
         done += n
         progress("capture", done)
     runner.close()
@@ -352,43 +348,34 @@ def group_stats(cap: Capture, layer: LinearLayer, reader: RowReader, notes: list
 
 
 def report_outputs(model: onnx.ModelProto, reader: RowReader, holdout: float,
-                    progress: Progress) -> np.ndarray:
-    """Pass 3: the model's output on the report rows, [rows, k] float64, in data order."""
+                   progress: Progress) -> OutputCollector:
+    """Pass 3: the model's output on the report rows, collected for the metrics."""
     out_name = model.graph.output[0].name
-    preds = []
+    collector = OutputCollector()
     runner = Runner(model, [out_name])
     done = 0
-    def report_rows() -> Iterator[dict[str, np.ndarray]]:
-        for rows in reader(select="report", holdout=holdout):
-            yield rows.feeds
-
-    for feeds, out in pipelined(report_rows(), runner.run):
-        n = len(next(iter(feeds.values())))
-        preds.append(as_rows(out[out_name], n, f"model output '{out_name}'"))
+    for rows, out in pipelined(reader(select="report", holdout=holdout), lambda r: runner.run(r.feeds)):
+        n = len(rows.code)
+        collector.add(as_rows(out[out_name], n, f"model output '{out_name}'"), rows.code, rows.target)
         done += n
         progress("report", done)
     runner.close()
-    return np.concatenate(preds)
+    return collector
 
 
-def capture_metrics(cap: Capture, reader: RowReader, pred: np.ndarray | None = None) -> OutputMetrics:
-    """Output metrics of the report rows collected by `capture`, or of another model's outputs `pred`
-    on the same rows (in the same order)."""
-    if not cap.pred:
+def capture_metrics(cap: Capture, reader: RowReader, collector: OutputCollector | None = None) -> OutputMetrics:
+    """Output metrics of the report rows collected by `capture`, or by `report_outputs` (same rows)."""
+    collector = cap.report if collector is None else collector
+    if not collector.rows:
         raise DataError(f"{reader.table.name}: no rows of the two groups to measure")
-    labels = reader.group_labels()
-    in_group1 = reader.group_of_code()[np.concatenate(cap.code)] == 1
-    target = np.concatenate(cap.target) if cap.target else None
-    return output_metrics(np.concatenate(cap.pred) if pred is None else pred, in_group1, labels, target)
+    return collector.result(reader.group_labels(), reader.group_of_code())
 
 
 def check_groups_present(cap: Capture, reader: RowReader) -> None:
     """With --groups, both values must occur among the rows read."""
     if reader.wanted is None:
         return
-    seen: set[int] = set()
-    for codes in cap.code:
-        seen.update(np.unique(codes).tolist())
+    seen = {c for c in (0, 1) if cap.report.rows_of(c)}
     for moments in cap.moments.values():
         seen.update(c for c, m in enumerate(moments) if m.n)
     for c, label in enumerate(reader.wanted):

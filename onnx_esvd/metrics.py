@@ -71,14 +71,121 @@ class OutputMetrics:
         return out
 
 
-def _as_columns(values: np.ndarray) -> np.ndarray:
-    v = np.asarray(values, dtype=np.float64)
-    return v.reshape(v.shape[0], -1)
+class _Scalar:
+    """Count, mean and centred sum of squares of a stream of numbers (Chan merge, float64)."""
+
+    __slots__ = ("n", "mean", "m2")
+
+    def __init__(self) -> None:
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, values: np.ndarray) -> None:
+        v = np.asarray(values, dtype=np.float64).ravel()
+        if v.size == 0:
+            return
+        mean_b = float(v.mean())
+        m2_b = float(np.sum((v - mean_b) ** 2))
+        n = self.n + v.size
+        delta = mean_b - self.mean
+        self.mean += delta * v.size / n
+        self.m2 += m2_b + delta * delta * self.n * v.size / n
+        self.n = n
+
+
+class OutputCollector:
+    """Model outputs of two groups streamed batch by batch.
+
+    Keeps one value per row and output column in the model's own float dtype plus a one-byte group
+    code (an exact KS needs every value); everything else (means, spreads, MSE, MAE) is summed on
+    the fly, so the target column is never stored.
+    """
+
+    def __init__(self) -> None:
+        self._pred: list[np.ndarray] = []
+        self._code: list[np.ndarray] = []
+        self._values = [_Scalar(), _Scalar()]  # per code, over all output columns
+        self._column_sum: list[np.ndarray | None] = [None, None]  # per code: sum of each output column
+        self._rows = [0, 0]
+        self._sq_err = [0.0, 0.0]
+        self._abs_err = [0.0, 0.0]
+        self.has_target: bool | None = None
+
+    @property
+    def rows(self) -> int:
+        return self._rows[0] + self._rows[1]
+
+    def rows_of(self, code: int) -> int:
+        """Rows added with group code `code`."""
+        return self._rows[code]
+
+    def add(self, pred: np.ndarray, code: np.ndarray, target: np.ndarray | None = None) -> None:
+        """Add `pred: [n] or [n, k]` with group codes `code: [n]` (0 or 1) and `target: [n] or [n, k]`."""
+        p = np.asarray(pred)
+        p = p.reshape(p.shape[0], -1)
+        if p.dtype not in (np.float32, np.float64):
+            p = p.astype(np.float64)
+        c = np.asarray(code).astype(np.int8)
+        self._pred.append(p)
+        self._code.append(c)
+        if self.has_target is None:
+            self.has_target = target is not None
+        t = None if target is None else np.asarray(target, dtype=np.float64).reshape(p.shape[0], -1)
+        for g in (0, 1):
+            mask = c == g
+            if not mask.any():
+                continue
+            pg = p[mask].astype(np.float64)
+            self._rows[g] += int(mask.sum())
+            self._values[g].add(pg)
+            col = pg.sum(axis=0)
+            self._column_sum[g] = col if self._column_sum[g] is None else self._column_sum[g] + col
+            if t is not None:
+                err = pg - t[mask]
+                self._sq_err[g] += float(np.sum(err * err))
+                self._abs_err[g] += float(np.sum(np.abs(err)))
+
+    def result(self, labels: tuple[str, str], group_of_code: np.ndarray | None = None) -> OutputMetrics:
+        """The metrics, with code c counted as group `group_of_code[c]` (default: code = group)."""
+        order = [0, 1]  # order[g]: the code counted as group g
+        if group_of_code is not None:
+            groups = [int(x) for x in group_of_code]
+            order = [groups.index(g) if g in groups else g for g in (0, 1)]
+        pred = np.concatenate(self._pred) if self._pred else np.zeros((0, 1))
+        code = np.concatenate(self._code) if self._code else np.zeros(0, np.int8)
+        k = pred.shape[1]
+        ks_cols = tuple(ks_statistic(pred[code == order[0], j], pred[code == order[1], j]) for j in range(k))
+        target = bool(self.has_target)
+        summaries = []
+        for label, c in zip(labels, order):
+            n, vals = self._rows[c], self._values[c]
+            cells = n * k
+            summaries.append(GroupSummary(
+                label=str(label), count=n,
+                mean=vals.mean if vals.n else float("nan"),
+                std=float(np.sqrt(vals.m2 / (vals.n - 1))) if vals.n > 1 else float("nan"),
+                mse=self._sq_err[c] / cells if target and cells else None,
+                mae=self._abs_err[c] / cells if target and cells else None,
+            ))
+        sums = [self._column_sum[c] for c in order]
+        if all(x is not None for x in sums) and all(self._rows[c] for c in order):
+            gaps = np.abs(sums[0] / self._rows[order[0]] - sums[1] / self._rows[order[1]])
+        else:
+            gaps = np.array([np.nan])
+        cells = self.rows * k
+        return OutputMetrics(
+            ks=float(max(ks_cols)) if ks_cols else float("nan"),
+            mean_gap=float(np.max(gaps)),
+            mse=(self._sq_err[0] + self._sq_err[1]) / cells if target and cells else None,
+            mae=(self._abs_err[0] + self._abs_err[1]) / cells if target and cells else None,
+            rows=self.rows,
+            groups=(summaries[0], summaries[1]),
+            ks_per_column=ks_cols,
+        )
 
 
 def output_metrics(pred: np.ndarray, in_group1: np.ndarray, labels: tuple[str, str],
                    target: np.ndarray | None = None) -> OutputMetrics:
-    """Compute `OutputMetrics`.
+    """Compute `OutputMetrics` of arrays in memory.
 
     Args:
         pred: [n] or [n, k] model outputs.
@@ -86,29 +193,6 @@ def output_metrics(pred: np.ndarray, in_group1: np.ndarray, labels: tuple[str, s
         labels: the two groups' labels, group 0 first.
         target: [n] or [n, k] labels, or None.
     """
-    p = _as_columns(pred)
-    g1 = np.asarray(in_group1, dtype=bool)
-    t = None if target is None else _as_columns(target)
-    err = None if t is None else p - t
-    ks_cols = tuple(ks_statistic(p[~g1, j], p[g1, j]) for j in range(p.shape[1]))
-    summaries = []
-    for label, mask in ((labels[0], ~g1), (labels[1], g1)):
-        n = int(mask.sum())
-        pg = p[mask]
-        summaries.append(GroupSummary(
-            label=str(label), count=n,
-            mean=float(pg.mean()) if n else float("nan"),
-            std=float(pg.std(ddof=1)) if n > 1 else float("nan"),
-            mse=None if err is None or not n else float(np.mean(err[mask] ** 2)),
-            mae=None if err is None or not n else float(np.mean(np.abs(err[mask]))),
-        ))
-    gaps = np.abs(p[~g1].mean(axis=0) - p[g1].mean(axis=0)) if (g1.any() and (~g1).any()) else np.array([np.nan])
-    return OutputMetrics(
-        ks=float(max(ks_cols)),
-        mean_gap=float(np.max(gaps)),
-        mse=None if err is None else float(np.mean(err**2)),
-        mae=None if err is None else float(np.mean(np.abs(err))),
-        rows=int(p.shape[0]),
-        groups=(summaries[0], summaries[1]),
-        ks_per_column=ks_cols,
-    )
+    collector = OutputCollector()
+    collector.add(pred, np.asarray(in_group1, dtype=bool).astype(np.int8), target)
+    return collector.result(labels)

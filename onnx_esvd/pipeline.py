@@ -215,7 +215,7 @@ def _repair(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Data
 
     cap = capture(original, [layer], reader, h, progress)
     stats = group_stats(cap, layer, reader, notes)
-    if not cap.pred:
+    if not cap.report.rows:
         raise DataError(f"{table.name}: no rows were left for the report; lower --holdout or add rows")
 
     weight = read_weight(original, layer)
@@ -236,7 +236,7 @@ def _repair(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Data
 
     labels = reader.group_labels()
     before = capture_metrics(cap, reader)
-    after = capture_metrics(cap, reader, pred=report_outputs(patched, reader, h, progress))
+    after = capture_metrics(cap, reader, report_outputs(patched, reader, h, progress))
     counts = RowCounts(total=reader.total, skipped=reader.skipped, fit=stats.n0 + stats.n1, report=before.rows)
     res = RepairResult(model=patched, layer=layer, final=final, groups=labels, before=before, after=after,
                        report_rows="holdout" if h > 0 else "fit", rows=counts, esvd=result, refit=refit_report,
