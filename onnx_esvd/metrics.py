@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 
-def ks_statistic(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 20) -> float:
+def ks_statistic(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 18) -> float:
     """Exact two-sample Kolmogorov-Smirnov statistic sup_t |F_a(t) - F_b(t)| (no binning).
 
     Equals `scipy.stats.ks_2samp(a, b).statistic`. The supremum is attained at a sample point, so the
@@ -106,8 +106,7 @@ class OutputCollector:
     """
 
     def __init__(self) -> None:
-        self._pred: list[np.ndarray] = []
-        self._code: list[np.ndarray] = []
+        self._pred: list[list[np.ndarray]] = [[], []]  # per code: [n_c, k] blocks in the model's dtype
         self._values = [_Scalar(), _Scalar()]  # per code, over all output columns
         self._column_sum: list[np.ndarray | None] = [None, None]  # per code: sum of each output column
         self._rows = [0, 0]
@@ -130,8 +129,6 @@ class OutputCollector:
         if p.dtype not in (np.float32, np.float64):
             p = p.astype(np.float64)
         c = np.asarray(code).astype(np.int8)
-        self._pred.append(p)
-        self._code.append(c)
         if self.has_target is None:
             self.has_target = target is not None
         t = None if target is None else np.asarray(target, dtype=np.float64).reshape(p.shape[0], -1)
@@ -139,7 +136,8 @@ class OutputCollector:
             mask = c == g
             if not mask.any():
                 continue
-            pg = p[mask].astype(np.float64)
+            self._pred[g].append(p[mask])
+            pg = self._pred[g][-1].astype(np.float64)
             self._rows[g] += int(mask.sum())
             self._values[g].add(pg)
             col = pg.sum(axis=0)
@@ -155,10 +153,10 @@ class OutputCollector:
         if group_of_code is not None:
             groups = [int(x) for x in group_of_code]
             order = [groups.index(g) if g in groups else g for g in (0, 1)]
-        pred = np.concatenate(self._pred) if self._pred else np.zeros((0, 1))
-        code = np.concatenate(self._code) if self._code else np.zeros(0, np.int8)
-        k = pred.shape[1]
-        ks_cols = tuple(ks_statistic(pred[code == order[0], j], pred[code == order[1], j]) for j in range(k))
+        blocks = [self._pred[c] for c in order]
+        k = next((b[0].shape[1] for b in blocks if b), 1)
+        pred = [np.concatenate(b) if b else np.zeros((0, k)) for b in blocks]
+        ks_cols = tuple(ks_statistic(pred[0][:, j], pred[1][:, j]) for j in range(k))
         target = bool(self.has_target)
         summaries = []
         for label, c in zip(labels, order):

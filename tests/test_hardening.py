@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import onnx
 import pytest
@@ -155,3 +156,30 @@ def test_same_inputs_give_byte_identical_files(tmp_path):
     a = repair(SMALL, SMALL_CSV, layer=-2, group="g", target="y").save(tmp_path / "a.onnx")
     b = repair(SMALL, SMALL_CSV, layer=-2, group="g", target="y").save(tmp_path / "b.onnx")
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_killed_at_any_point_leaves_no_partial_output(tmp_path):
+    """SIGKILL the CLI at several moments: the output is either absent or a complete, valid model."""
+    import signal
+    import subprocess
+
+    out = tmp_path / "fixed.onnx"
+    cmd = [sys.executable, "-m", "onnx_esvd_cli.main", "repair", str(LEGACY), "--layer", "-2",
+           "--data", str(FIXTURES / "law_school.csv"), "--group", "race1", "--target", "ugpa", "-o", str(out),
+           "--force", "--quiet"]
+    outcomes = set()
+    for delay in (0.3, 0.8, 1.2, 1.6, 2.0, 2.5, 30.0):
+        if out.exists():
+            out.unlink()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        if out.exists():
+            onnx.checker.check_model(onnx.load(str(out)))
+            outcomes.add("complete")
+        else:
+            outcomes.add("absent")
+    assert "complete" in outcomes  # the last run was given time to finish
