@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv dev clean fixtures bench-paper bench-exporters
+.PHONY: demo test venv dev clean fixtures bench bench-paper bench-exporters
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 # Regenerate the committed fixtures.
 fixtures: $(VENV)/.installed-bench
 	$(BIN)/python fixtures/make_fixtures.py
+
+# Speed and memory targets on synthetic data (about 10 minutes; needs only the runtime install).
+bench: $(VENV)/.installed
+	@mkdir -p build
+	$(BIN)/python benchmarks/speed.py --json build/speed.json
 
 # The paper's Law School table, the baselines and the c1/c2 trade-off plot (about 3 minutes).
 bench-paper: $(VENV)/.installed-bench

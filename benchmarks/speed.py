@@ -10,7 +10,7 @@ Generates seeded synthetic data and models under a temporary directory, then mea
 4. the math of one layer (both ESVD steps, all k_i, the multiplier searches) at d = 1024 and 2048;
 5. start-up: `onnx-esvd --help`.
 
-    python benchmarks/speed.py [--rows 1000000] [--memory-rows 10000000] [--json speed.json] [--keep DIR]
+    python benchmarks/speed.py [--rows 1000000] [--memory-rows 10000000] [--repeat 3] [--json speed.json]
 
 Times are wall-clock seconds on this machine; compare the ratios, which are measured in one run.
 """
@@ -147,6 +147,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--memory-rows", type=int, default=10_000_000)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of the overhead comparison (median reported)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--keep", type=Path, default=None, help="generate into this directory and keep it")
     args = ap.parse_args()
@@ -174,10 +175,14 @@ def main() -> None:
 
         print("1. pipeline overhead (repair vs one plain inference pass)", flush=True)
         for label, data, feats in (("CSV", csv_path, features), ("NPZ", npz_path, npz_features)):
-            plain = plain_pass(work / "mlp256.onnx", data, feats)
-            repair_s, _ = timed(repair_cmd(work / "mlp256.onnx", data, work / "out.onnx"))
-            record(f"repair / plain pass, {label}", repair_s / plain, 3.0, "x",
-                   f"repair {repair_s:.1f}s, plain pass {plain:.1f}s, {args.rows:,} rows")
+            ratios, plains, repairs = [], [], []
+            for _ in range(args.repeat):  # alternate the two so that drifts in machine load hit both
+                plains.append(plain_pass(work / "mlp256.onnx", data, feats))
+                repairs.append(timed(repair_cmd(work / "mlp256.onnx", data, work / "out.onnx"))[0])
+                ratios.append(repairs[-1] / plains[-1])
+            record(f"repair / plain pass, {label}", float(np.median(ratios)), 3.0, "x",
+                   f"median of {args.repeat}: repair {np.median(repairs):.1f}s, plain pass {np.median(plains):.1f}s, "
+                   f"{args.rows:,} rows; ratios {', '.join(f'{r:.2f}' for r in ratios)}")
 
         print("2. memory flat in rows (peak RSS of repair)", flush=True)
         small_csv, large_csv = work / "small.csv", work / "large.csv"
