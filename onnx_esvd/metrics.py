@@ -118,6 +118,11 @@ class OutputCollector:
     def rows(self) -> int:
         return self._rows[0] + self._rows[1]
 
+    def values(self, code: int) -> np.ndarray:
+        """Every output value of the rows with group code `code`, [n_c, k] in the model's dtype."""
+        blocks = self._pred[code]
+        return np.concatenate(blocks) if blocks else np.zeros((0, 1), dtype=np.float32)
+
     def rows_of(self, code: int) -> int:
         """Rows added with group code `code`."""
         return self._rows[code]

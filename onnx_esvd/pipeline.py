@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import onnx
@@ -30,6 +30,7 @@ from .data import Table, open_table
 from .metrics import OutputMetrics
 from .modelio import LoadedModel, check_output_path, load_model, save_model
 from .runtime import Runner, pipelined
+from .stats import LayerStats
 
 METADATA_KEY = "onnx_esvd.repair"
 
@@ -110,6 +111,7 @@ class RepairResult:
     data: DataSpec
     external_data: bool = False
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    values: tuple = field(default=(), repr=False)  # ((g0, g1) before, (g0, g1) after): report outputs, for plots
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the model, as plain JSON-ready values."""
@@ -200,55 +202,102 @@ def repair(
     return _repair(loaded, open_table(data), layer, spec, options, progress or (lambda name, rows: None))
 
 
-def _repair(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: DataSpec, options: RepairOptions,
-            progress: Progress) -> RepairResult:
+@dataclass
+class _Prepared:
+    """Everything after pass 1 that a repair or a sweep shares."""
+
+    loaded: LoadedModel
+    layer: LinearLayer
+    final: LinearLayer | None
+    spec: DataSpec
+    reader: RowReader
+    cap: Any
+    stats: LayerStats
+    weight: np.ndarray
+    before: OutputMetrics
+    notes: list[str]
+
+    @property
+    def original(self) -> onnx.ModelProto:
+        return self.loaded.model
+
+
+def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: DataSpec, *, holdout: float,
+             batch_size: int, seed: int, progress: Progress) -> _Prepared:
+    """Pass 1: find the layers, read the data, capture the layer's statistics and the report rows."""
     original = loaded.model
     found = find_layers(original)
     layer = select_layer(found, layer_spec)
-    final = found.final
     if not original.graph.output:
         raise ModelError("the model has no outputs")
-    reader = RowReader(table, plan_inputs(original, table, spec), spec, batch_size=options.batch_size,
-                       seed=options.seed)
-    h = options.holdout
+    reader = RowReader(table, plan_inputs(original, table, spec), spec, batch_size=batch_size, seed=seed)
     notes: list[str] = []
-
-    cap = capture(original, [layer], reader, h, progress)
+    cap = capture(original, [layer], reader, holdout, progress)
     stats = group_stats(cap, layer, reader, notes)
     if not cap.report.rows:
         raise DataError(f"{table.name}: no rows were left for the report; lower --holdout or add rows")
+    return _Prepared(loaded, layer, found.final, spec, reader, cap, stats, read_weight(original, layer),
+                     capture_metrics(cap, reader), notes)
 
-    weight = read_weight(original, layer)
-    result = esvd(weight, stats, c1=options.c1, c2=options.c2, eps=options.eps)
-    patched = onnx.ModelProto()
-    patched.CopyFrom(original)
-    write_weight(patched, layer, result.weight)
 
-    refit_report, refit_note = None, ""
-    if options.refit == "none":
-        refit_note = "skipped: --refit none"
-    elif final is None:
-        refit_note = "skipped: no final linear node feeds the model output"
-    elif final.index == layer.index:
-        refit_note = "skipped: the repaired node is the final node, so there is nothing downstream to refit"
-    else:
-        refit_report = _refit(original, patched, final, reader, spec, options, progress)
+def _refit_note(refit: str, prep: _Prepared) -> str:
+    """Why the refit is skipped, or "" when it applies."""
+    if refit == "none":
+        return "skipped: --refit none"
+    if prep.final is None:
+        return "skipped: no final linear node feeds the model output"
+    if prep.final.index == prep.layer.index:
+        return "skipped: the repaired node is the final node, so there is nothing downstream to refit"
+    return ""
 
-    labels = reader.group_labels()
-    before = capture_metrics(cap, reader)
-    after = capture_metrics(cap, reader, report_outputs(patched, reader, h, progress))
-    counts = RowCounts(total=reader.total, skipped=reader.skipped, fit=stats.n0 + stats.n1, report=before.rows)
-    res = RepairResult(model=patched, layer=layer, final=final, groups=labels, before=before, after=after,
-                       report_rows="holdout" if h > 0 else "fit", rows=counts, esvd=result, refit=refit_report,
-                       refit_note=refit_note, options=options, data=spec, external_data=loaded.external_data,
-                       warnings=tuple(notes))
+
+def _patched(prep: _Prepared, weight: np.ndarray) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    model.CopyFrom(prep.original)
+    write_weight(model, prep.layer, weight)
+    return model
+
+
+def _repair(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: DataSpec, options: RepairOptions,
+            progress: Progress) -> RepairResult:
+    prep = _prepare(loaded, table, layer_spec, spec, holdout=options.holdout, batch_size=options.batch_size,
+                    seed=options.seed, progress=progress)
+    result = esvd(prep.weight, prep.stats, c1=options.c1, c2=options.c2, eps=options.eps)
+    patched = _patched(prep, result.weight)
+    refit_report, refit_note = None, _refit_note(options.refit, prep)
+    if not refit_note:
+        acc, kind = _collect_refit(prep, patched, options.holdout, progress)
+        refit_report = _apply_refit(patched, prep.final, acc, kind, options.refit, options.ridge)
+    return _finish(prep, patched, result, refit_report, refit_note, options, progress)
+
+
+def _finish(prep: _Prepared, patched: onnx.ModelProto, result: EsvdResult, refit_report, refit_note: str,
+            options: RepairOptions, progress: Progress) -> RepairResult:
+    """Pass 3 (the report of the repaired model), the result and its metadata record."""
+    reader, h = prep.reader, options.holdout
+    after_values = report_outputs(patched, reader, h, progress)
+    after = capture_metrics(prep.cap, reader, after_values)
+    counts = RowCounts(total=reader.total, skipped=reader.skipped, fit=prep.stats.n0 + prep.stats.n1,
+                       report=prep.before.rows)
+    res = RepairResult(model=patched, layer=prep.layer, final=prep.final, groups=reader.group_labels(),
+                       before=prep.before, after=after, report_rows="holdout" if h > 0 else "fit", rows=counts,
+                       esvd=result, refit=refit_report, refit_note=refit_note, options=options, data=prep.spec,
+                       external_data=prep.loaded.external_data, warnings=tuple(prep.notes),
+                       values=(_group_values(prep.cap.report, reader), _group_values(after_values, reader)))
     _record(patched, res)
     return res
 
 
-def _refit(original: onnx.ModelProto, patched: onnx.ModelProto, final: LinearLayer, reader: RowReader,
-           spec: DataSpec, options: RepairOptions, progress: Progress) -> refit_mod.RefitReport:
-    """Pass 2: stream the patched model's final-node inputs and solve the refit; writes into `patched`."""
+def _group_values(collector: Any, reader: RowReader) -> tuple[np.ndarray, np.ndarray]:
+    """The report rows' outputs of group 0 and group 1 (for plots)."""
+    groups = [int(x) for x in reader.group_of_code()]
+    return tuple(collector.values(groups.index(g) if g in groups else g) for g in (0, 1))  # type: ignore[return-value]
+
+
+def _collect_refit(prep: _Prepared, patched: onnx.ModelProto, holdout: float,
+                   progress: Progress) -> tuple[refit_mod.RefitAccumulator, str]:
+    """Pass 2: stream the patched model's final-node inputs (and the target) into refit moments."""
+    original, final, spec, reader = prep.original, prep.final, prep.spec, prep.reader
     use_label = (spec.target is not None and final.out_features == 1
                  and output_path_is_value_preserving(original, final))
     if final.bias is None and _has_unwritable_bias(original, final):
@@ -259,37 +308,34 @@ def _refit(original: onnx.ModelProto, patched: onnx.ModelProto, final: LinearLay
     runner = Runner(with_outputs(patched, [(final.input, final.elem_type)]), [final.input])
     teacher = None if use_label else Runner(with_outputs(original, [(final.output, final.elem_type)]), [final.output])
     group_of = reader.group_of_code()
-    h = options.holdout
+    h = holdout
     done = 0
-    def fit_rows() -> Iterator[tuple[Rows, np.ndarray, dict[str, np.ndarray]]]:
-        for rows in reader(select="fit", holdout=h):
-            yield rows, np.ones(len(rows.code), dtype=bool), rows.feeds
 
-    def run(item: tuple[Rows, np.ndarray, dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray | None]:
-        feeds = item[2]
-        z = runner.run(feeds)[final.input]
-        return z, None if teacher is None else teacher.run(feeds)[final.output]
+    def run(rows: Rows) -> tuple[np.ndarray, np.ndarray | None]:
+        z = runner.run(rows.feeds)[final.input]
+        return z, None if teacher is None else teacher.run(rows.feeds)[final.output]
 
-    for (rows, fit, feeds), (z_out, t_out) in pipelined(fit_rows(), run):
-        n = int(fit.sum())
+    for rows, (z_out, t_out) in pipelined(reader(select="fit", holdout=h), run):
+        n = len(rows.code)
         z = as_rows(z_out, n, f"input '{final.input}' of the final node")
         if z.shape[1] != p:
             raise LayerError(f"final node '{final.name}' receives '{final.input}' with {z.shape[1]} columns per row; "
                              f"only inputs of shape [rows, {p}] can be refitted (use --refit none)")
-        if use_label:
-            t = rows.target[fit].reshape(n, 1)
-        else:
-            t = as_rows(t_out, n, f"output '{final.output}' of the final node")
-        in_val = (rows.u[fit] - h) / (1.0 - h) < refit_mod.RIDGE_VALIDATION_SHARE
-        acc.add(z, t, group_of[rows.code[fit]] == 1, in_val)
+        t = rows.target.reshape(n, 1) if use_label else as_rows(t_out, n, f"output '{final.output}' of the final node")
+        in_val = (rows.u - h) / (1.0 - h) < refit_mod.RIDGE_VALIDATION_SHARE
+        acc.add(z, t, group_of[rows.code] == 1, in_val)
         done += n
         progress("refit", done)
     runner.close()
     if teacher is not None:
         teacher.close()
-    mode = options.refit
-    sol, report = refit_mod.fit(acc, mode=mode, ridge=options.ridge, fit_intercept=final.bias is not None,
-                                target_kind="label" if use_label else "distillation")
+    return acc, "label" if use_label else "distillation"
+
+
+def _apply_refit(patched: onnx.ModelProto, final: LinearLayer, acc: refit_mod.RefitAccumulator, kind: str,
+                 mode: str, ridge: Any) -> refit_mod.RefitReport:
+    """Solve the refit from the collected moments and write the final node into `patched`."""
+    sol, report = refit_mod.fit(acc, mode=mode, ridge=ridge, fit_intercept=final.bias is not None, target_kind=kind)
     write_weight(patched, final, sol.coef)
     if sol.intercept is not None:
         write_bias(patched, final, sol.intercept)
