@@ -29,6 +29,8 @@ app = typer.Typer(
 ModelArg = Annotated[Path, typer.Argument(help="The ONNX model file.", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
+PlotOpt = Annotated[Optional[Path], typer.Option("--plot", metavar="PATH", help="Also draw a picture there "
+                                                                             "(PNG; needs matplotlib).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress line on stderr.")]
 DataOpt = Annotated[Path, typer.Option("--data", help="Calibration data: CSV with a header line, or .npz.",
                                        show_default=False)]
@@ -118,6 +120,12 @@ def repair(
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (default: MODEL stem + "
                                                                           ".esvd.onnx next to MODEL).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    max_ks: Annotated[Optional[float], typer.Option("--max-ks", help="Search c1 x c2 and keep the lowest-MSE "
+                                                                     "setting whose holdout KS is at most this "
+                                                                     "(needs --target).")] = None,
+    max_mean_gap: Annotated[Optional[float], typer.Option("--max-mean-gap", help="The same budget on the "
+                                                                                 "mean gap.")] = None,
+    plot: PlotOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -130,32 +138,123 @@ def repair(
         from onnx_esvd.modelio import check_output_path
 
         from .progress import Progress
-        from .report import repair_report
+        from .report import budget_report, repair_report
 
         out = output if output is not None else default_output_path(model)
         check_output_path(out, inputs=(model, data), force=force)
         if refit not in ("fair", "plain", "none"):
             raise OptionError(f"--refit {refit!r} is invalid; choose fair, plain or none")
-        ridge_value: float | str = "auto"
-        if ridge.strip().lower() != "auto":
-            try:
-                ridge_value = float(ridge)
-            except ValueError:
-                raise OptionError(f"--ridge {ridge!r} is invalid; give 'auto' or a number >= 0") from None
+        ridge_value = _ridge(ridge)
+        if plot is not None:
+            check_output_path(plot, inputs=(model, data, out), force=True, option="--plot")
         progress = Progress(quiet=quiet)
+        budget = None
         try:
-            result = run_repair(
-                model, data, layer=layer, group=group, groups=_split(groups), target=target,
-                features=_split(features), c1=c1, c2=c2, eps=eps, refit=refit, ridge=ridge_value,  # type: ignore[arg-type]
-                holdout=holdout, seed=seed, batch_size=batch_size, progress=progress,
-            )
+            if max_ks is not None or max_mean_gap is not None:
+                from onnx_esvd import repair_within_budget
+
+                budget = repair_within_budget(
+                    model, data, layer=layer, group=group, groups=_split(groups), target=target,
+                    features=_split(features), max_ks=max_ks, max_mean_gap=max_mean_gap,
+                    refit=None if refit == "fair" else [refit], eps=eps, ridge=ridge_value, holdout=holdout,
+                    seed=seed, batch_size=batch_size, progress=progress)
+                result = budget.result
+            else:
+                result = run_repair(
+                    model, data, layer=layer, group=group, groups=_split(groups), target=target,
+                    features=_split(features), c1=c1, c2=c2, eps=eps, refit=refit, ridge=ridge_value,  # type: ignore[arg-type]
+                    holdout=holdout, seed=seed, batch_size=batch_size, progress=progress,
+                )
         finally:
             progress.close()
+        if result is None:  # no setting meets the budget: write nothing, exit 1
+            typer.echo(dumps(budget.to_dict(), indent=2) if json_out else budget_report(budget))
+            raise typer.Exit(1)
         written = result.save(out, force=force, source=model)
+        if plot is not None:
+            from onnx_esvd.plots import plot_distributions
+
+            plot_distributions(result, plot)
         if json_out:
-            typer.echo(dumps({"model": str(model), "output": str(written), **result.to_dict()}, indent=2))
+            extra = {} if budget is None else {"budget": {k: v for k, v in budget.to_dict().items() if k != "sweep"}}
+            typer.echo(dumps({"model": str(model), "output": str(written), **result.to_dict(), **extra}, indent=2))
         else:
+            if budget is not None:
+                typer.echo(budget_report(budget) + "\n")
             typer.echo(repair_report(result, str(model), str(written)))
+            if plot is not None:
+                typer.echo(f"plotted {plot}")
+
+
+@app.command()
+def sweep(
+    model: ModelArg,
+    layer: Annotated[str, typer.Option("--layer", help="Index from `onnx-esvd layers` (negative from the end) or "
+                                                       "node name.", show_default=False)],
+    data: DataOpt,
+    group: GroupOpt,
+    groups: GroupsOpt = None,
+    target: TargetOpt = None,
+    features: FeaturesOpt = None,
+    c1: Annotated[str, typer.Option("--c1", metavar="LIST", help="c1 values, comma-separated.")] = "1,5,15,50,150",
+    c2: Annotated[str, typer.Option("--c2", metavar="LIST", help="c2 values, comma-separated.")] = "1,10,150,1000",
+    refit: Annotated[str, typer.Option("--refit", metavar="LIST", help="Refit modes, comma-separated "
+                                                                       "(fair, plain, none).")] = "fair",
+    eps: Annotated[float, typer.Option("--eps", help="The eps of delta delta^T + eps I.")] = 1e-5,
+    ridge: Annotated[str, typer.Option("--ridge", metavar="auto|FLOAT", help="Ridge term of the refit.")] = "auto",
+    holdout: Annotated[float, typer.Option("--holdout", help="Share of rows kept out of the fit to measure "
+                                                             "each setting.")] = 0.2,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the holdout and ridge splits.")] = 0,
+    batch_size: BatchOpt = 4096,
+    plot: PlotOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Fit every c1 x c2 x refit setting from one capture and measure each on the holdout rows."""
+    with handled(debug):
+        from onnx_esvd import OptionError
+        from onnx_esvd import sweep as run_sweep
+        from onnx_esvd._json import dumps
+        from onnx_esvd.modelio import check_output_path
+
+        from .progress import Progress
+        from .report import sweep_report
+
+        def numbers(text: str, name: str) -> list[float]:
+            try:
+                return [float(v) for v in _split(text) or []]
+            except ValueError:
+                raise OptionError(f"--{name} {text!r} is invalid; give numbers separated by commas, e.g. 1,5,15") from None
+
+        if plot is not None:
+            check_output_path(plot, inputs=(model, data), force=True, option="--plot")
+        progress = Progress(quiet=quiet)
+        try:
+            result = run_sweep(model, data, layer=layer, group=group, groups=_split(groups), target=target,
+                               features=_split(features), c1=numbers(c1, "c1"), c2=numbers(c2, "c2"),
+                               refit=_split(refit), eps=eps, ridge=_ridge(ridge), holdout=holdout, seed=seed,
+                               batch_size=batch_size, progress=progress)
+        finally:
+            progress.close()
+        if plot is not None:
+            from onnx_esvd.plots import plot_tradeoff
+
+            plot_tradeoff(result, plot)
+        typer.echo(dumps(result.to_dict(), indent=2) if json_out else sweep_report(result))
+        if plot is not None and not json_out:
+            typer.echo(f"plotted {plot}")
+
+
+def _ridge(text: str) -> float | str:
+    from onnx_esvd import OptionError
+
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise OptionError(f"--ridge {text!r} is invalid; give 'auto' or a number >= 0") from None
 
 
 @app.command()

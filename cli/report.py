@@ -161,3 +161,41 @@ def check_report(res: Any) -> str:
     else:
         lines.append(f"PASS: all {len(res.thresholds)} thresholds hold")
     return "\n".join(lines)
+
+
+def sweep_report(res: Any) -> str:
+    """The sweep's table, Pareto-optimal rows marked."""
+    b = res.before
+    has_mse = b.mse is not None
+    lines = [f"layer     {res.layer.index} '{res.layer.name}' ({res.layer.op}, {res.layer.in_features} -> "
+             f"{res.layer.out_features}); groups {res.groups[0]!r} vs {res.groups[1]!r}",
+             f"measured on the {b.rows} {res.report_rows} rows; original model: KS {num(b.ks)}, mean gap "
+             f"{num(b.mean_gap)}" + (f", MSE {num(b.mse)}" if has_mse else ""), ""]
+    rows = [(f"{p.c1:g}", f"{p.c2:g}", p.refit, num(p.metrics.ks), num(p.metrics.mean_gap),
+             num(p.metrics.mse), "*" if p.pareto else "") for p in res.points]
+    lines.append(table(["c1", "c2", "refit", "KS", "mean gap", "MSE", "pareto"], rows, right=(0, 1, 3, 4, 5)))
+    lines.append(f"* Pareto-optimal: no other setting has both a lower KS and a lower "
+                 f"{'MSE' if has_mse else 'mean gap'}")
+    for note in res.warnings:
+        lines.append(f"warning: {note}")
+    return "\n".join(lines)
+
+
+def budget_report(budget: Any) -> str:
+    """Which setting met the budget (and the runner-up), or the closest one when none did."""
+    limits = ", ".join(f"{k} <= {v:g}" for k, v in budget.budget.items())
+    tried = len(budget.sweep.points)
+
+    def describe(p: Any) -> str:
+        m = p.metrics
+        return (f"c1={p.c1:g}, c2={p.c2:g}, refit {p.refit}: KS {num(m.ks)}, mean gap {num(m.mean_gap)}, "
+                f"MSE {num(m.mse)}")
+
+    if budget.winner is None:
+        return (f"no setting of the {tried} tried meets {limits}; closest: {describe(budget.closest)}\n"
+                "nothing was written")
+    lines = [f"budget    {limits}: {tried} settings tried on the holdout rows",
+             f"winner    {describe(budget.winner)}"]
+    if budget.runner_up is not None:
+        lines.append(f"runner-up {describe(budget.runner_up)}")
+    return "\n".join(lines)

@@ -33,10 +33,16 @@ _LAZY = {
     "GroupSummary": "metrics",
     "ks_statistic": "metrics",
     "BatchReader": "data",
+    "sweep": "sweep",
+    "SweepResult": "sweep",
+    "SweepPoint": "sweep",
+    "repair_within_budget": "sweep",
+    "BudgetResult": "sweep",
 }
 
 __all__ = [
-    "__version__", "repair", "audit", "check", "list_layers", "default_output_path",
+    "__version__", "repair", "audit", "check", "sweep", "repair_within_budget", "list_layers",
+    "default_output_path", "SweepResult", "SweepPoint", "BudgetResult",
     "RepairResult", "RepairOptions", "AuditResult", "LayerAudit", "CheckResult", "ThresholdResult",
     "LinearLayer", "GraphLayers", "OutputMetrics", "GroupSummary", "ks_statistic", "BatchReader",
     "EsvdError", "ModelError", "LayerError", "DataError", "OptionError", "OutputError",
@@ -63,3 +69,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .graph import GraphLayers, LinearLayer, list_layers
     from .metrics import GroupSummary, OutputMetrics, ks_statistic
     from .pipeline import RepairOptions, RepairResult, default_output_path, repair
+    from .sweep import BudgetResult, SweepPoint, SweepResult, repair_within_budget, sweep

@@ -1,0 +1,174 @@
+"""Choose the trade-off: sweep c1, c2 and the refit mode from one capture, and repair within a budget.
+
+One capture pass serves the whole sweep. Each (c1, c2) then costs its math plus one refit pass
+(shared by every refit mode of that patched layer) and one report pass per refit mode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+
+from .capture import capture_metrics, data_spec, report_outputs
+from .data import open_table
+from .errors import OptionError
+from .esvd import esvd
+from .graph import LinearLayer
+from .metrics import OutputMetrics
+from .modelio import load_model
+from .pipeline import (RepairOptions, RepairResult, _apply_refit, _collect_refit, _patched, _prepare, _refit_note,
+                       repair)
+
+#: The default grid of `sweep` and of `repair --max-ks` (the paper benchmark's grid).
+C1_GRID: tuple[float, ...] = (1, 5, 15, 50, 150)
+C2_GRID: tuple[float, ...] = (1, 10, 150, 1000)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One setting and the repaired model's metrics on the holdout rows."""
+
+    c1: float
+    c2: float
+    refit: str
+    metrics: OutputMetrics
+    pareto: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        m = self.metrics
+        return {"c1": self.c1, "c2": self.c2, "refit": self.refit, "ks": m.ks, "mean_gap": m.mean_gap, "mse": m.mse,
+                "mae": m.mae, "pareto": self.pareto}
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """Every setting tried, in grid order, with the original model's metrics on the same rows."""
+
+    layer: LinearLayer
+    groups: tuple[str, str]
+    before: OutputMetrics
+    points: tuple[SweepPoint, ...]
+    report_rows: str
+    warnings: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer.to_dict(), "groups": list(self.groups), "report_rows": self.report_rows,
+                "before": self.before.to_dict(), "points": [p.to_dict() for p in self.points],
+                "warnings": list(self.warnings)}
+
+
+def _cost(m: OutputMetrics) -> float:
+    """What a sweep trades against KS: MSE when a target is known, else the mean gap."""
+    return m.mse if m.mse is not None else m.mean_gap
+
+
+def pareto_flags(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """True for the points no other point beats on both coordinates (lower is better on both)."""
+    flags = []
+    for i, (a, b) in enumerate(points):
+        dominated = any((x <= a and y <= b) and (x < a or y < b) for j, (x, y) in enumerate(points) if j != i)
+        flags.append(not dominated and not (math.isnan(a) or math.isnan(b)))
+    return flags
+
+
+def _grid(values: Sequence[float] | None, default: Sequence[float], name: str) -> tuple[float, ...]:
+    out = tuple(float(v) for v in (values if values else default))
+    for v in out:
+        if not (math.isfinite(v) and v >= 1):
+            raise OptionError(f"--{name} value {v:g} is invalid; every value must be a number >= 1")
+    return tuple(dict.fromkeys(out))
+
+
+def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequence[str] | None = None,
+          target: str | None = None, features: Sequence[str] | None = None, c1: Sequence[float] | None = None,
+          c2: Sequence[float] | None = None, refit: Sequence[str] | None = None, eps: float = 1e-5,
+          ridge: float | Literal["auto"] = "auto", holdout: float = 0.2, seed: int = 0, batch_size: int = 4096,
+          progress: Any = None) -> SweepResult:
+    """Fit every (c1, c2, refit) combination on the fit rows and measure each on the holdout rows."""
+    c1s, c2s = _grid(c1, C1_GRID, "c1"), _grid(c2, C2_GRID, "c2")
+    modes = tuple(dict.fromkeys(refit or ("fair",)))
+    for mode in modes:
+        RepairOptions(refit=mode)  # validates the name
+    options = RepairOptions(eps=eps, ridge=ridge, holdout=holdout, seed=seed, batch_size=batch_size)
+    spec = data_spec(group, groups, target, features)
+    progress = progress or (lambda name, rows: None)
+    prep = _prepare(load_model(model), open_table(data), layer, spec, holdout=holdout, batch_size=batch_size,
+                    seed=seed, progress=progress)
+    points: list[tuple[float, float, str, OutputMetrics]] = []
+    for a in c1s:
+        for b in c2s:
+            patched = _patched(prep, esvd(prep.weight, prep.stats, c1=a, c2=b, eps=options.eps).weight)
+            acc = kind = None
+            for mode in modes:
+                model_m = patched
+                if not _refit_note(mode, prep):
+                    if acc is None:  # one refit pass per patched layer, shared by the refit modes
+                        acc, kind = _collect_refit(prep, patched, holdout, progress)
+                    model_m = patched.__class__()
+                    model_m.CopyFrom(patched)
+                    _apply_refit(model_m, prep.final, acc, kind, mode, options.ridge)
+                after = capture_metrics(prep.cap, prep.reader, report_outputs(model_m, prep.reader, holdout, progress))
+                points.append((a, b, mode, after))
+    flags = pareto_flags([(m.ks, _cost(m)) for *_rest, m in points])
+    return SweepResult(layer=prep.layer, groups=prep.reader.group_labels(), before=prep.before,
+                       points=tuple(SweepPoint(a, b, mode, m, f) for (a, b, mode, m), f in zip(points, flags)),
+                       report_rows="holdout" if holdout > 0 else "fit", warnings=tuple(prep.notes))
+
+
+@dataclass(frozen=True)
+class BudgetResult:
+    """`repair_within_budget`: the winning repair (None when no setting meets the budget), the winner's and
+    the runner-up's sweep points, and the setting closest to the budget when none meets it."""
+
+    result: RepairResult | None
+    winner: SweepPoint | None
+    runner_up: SweepPoint | None
+    closest: SweepPoint | None
+    budget: dict[str, float]
+    sweep: SweepResult
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"budget": self.budget, "met": self.result is not None,
+                "winner": None if self.winner is None else self.winner.to_dict(),
+                "runner_up": None if self.runner_up is None else self.runner_up.to_dict(),
+                "closest": None if self.closest is None else self.closest.to_dict(),
+                "sweep": self.sweep.to_dict()}
+
+
+def repair_within_budget(model: Any, data: Any, *, layer: int | str, group: str, max_ks: float | None = None,
+                         max_mean_gap: float | None = None, target: str | None = None,
+                         refit: Sequence[str] | None = None, c1: Sequence[float] | None = None,
+                         c2: Sequence[float] | None = None, **kwargs: Any) -> BudgetResult:
+    """Search the settings and repair with the lowest-MSE one whose holdout KS (and mean gap) meet the budget.
+
+    Needs a target column (settings are ranked by MSE). When no setting meets the budget, `result` is
+    None and `closest` is the setting with the smallest excess over the budget.
+    """
+    budget = {k: float(v) for k, v in (("ks", max_ks), ("mean_gap", max_mean_gap)) if v is not None}
+    if not budget:
+        raise OptionError("give a budget: --max-ks and/or --max-mean-gap")
+    for key, value in budget.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise OptionError(f"--max-{key.replace('_', '-')} {value:g} is invalid; it must be a number >= 0")
+    if target is None:
+        raise OptionError("--max-ks and --max-mean-gap rank the settings by MSE: add --target COL")
+    result = sweep(model, data, layer=layer, group=group, target=target, c1=c1, c2=c2, refit=refit, **kwargs)
+
+    def excess(p: SweepPoint) -> float:
+        values = p.metrics.to_dict()
+        return max(max(values[k] - v, 0.0) / max(v, 1e-12) for k, v in budget.items())
+
+    feasible = sorted((p for p in result.points if excess(p) == 0.0), key=lambda p: (p.metrics.mse, p.c1 * p.c2))
+    if not feasible:
+        closest = min(result.points, key=lambda p: (excess(p), p.metrics.mse))
+        return BudgetResult(None, None, None, closest, budget, result)
+    winner = feasible[0]
+    runner_up = feasible[1] if len(feasible) > 1 else None
+    options = {k: v for k, v in kwargs.items() if k in ("groups", "features", "eps", "ridge", "holdout", "seed",
+                                                        "batch_size", "progress")}
+    chosen = repair(model, data, layer=layer, group=group, target=target, c1=winner.c1, c2=winner.c2,
+                    refit=winner.refit, **options)
+    return BudgetResult(chosen, winner, runner_up, None, budget, result)
+
