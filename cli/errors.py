@@ -23,6 +23,10 @@ def handled(debug: bool) -> Iterator[None]:
         yield
     except typer.Exit:
         raise
+    except BrokenPipeError:  # the reader of our stdout went away (`| head`): not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except EsvdError as exc:
         if debug:
             traceback.print_exc()

@@ -95,7 +95,8 @@ def layers(model: ModelArg, json_out: JsonOpt = False, debug: DebugOpt = False) 
 def repair(
     model: ModelArg,
     layer: Annotated[str, typer.Option("--layer", help="Index from `onnx-esvd layers` (negative counts from "
-                                                       "the end: -2 is the second-last) or node name.",
+                                                       "the end: -2 is the second-last), node name, or 'auto' "
+                                                       "(audit's top layers and the second-last, best holdout KS).",
                                        show_default=False)],
     data: DataOpt,
     group: GroupOpt,
@@ -159,6 +160,13 @@ def repair(
                     refit=None if refit == "fair" else [refit], eps=eps, ridge=ridge_value, holdout=holdout,
                     seed=seed, batch_size=batch_size, progress=progress)
                 result = budget.result
+            elif layer.strip() == "auto":
+                from onnx_esvd.sweep import repair_auto
+
+                result = repair_auto(
+                    model, data, group=group, groups=_split(groups), target=target, features=_split(features),
+                    c1=c1, c2=c2, eps=eps, refit=refit, ridge=ridge_value, holdout=holdout, seed=seed,
+                    batch_size=batch_size, progress=progress)
             else:
                 result = run_repair(
                     model, data, layer=layer, group=group, groups=_split(groups), target=target,

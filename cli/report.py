@@ -188,7 +188,8 @@ def budget_report(budget: Any) -> str:
 
     def describe(p: Any) -> str:
         m = p.metrics
-        return (f"c1={p.c1:g}, c2={p.c2:g}, refit {p.refit}: KS {num(m.ks)}, mean gap {num(m.mean_gap)}, "
+        where = f"layer {p.layer}, " if p.layer is not None else ""
+        return (f"{where}c1={p.c1:g}, c2={p.c2:g}, refit {p.refit}: KS {num(m.ks)}, mean gap {num(m.mean_gap)}, "
                 f"MSE {num(m.mse)}")
 
     if budget.winner is None:

@@ -35,11 +35,12 @@ class SweepPoint:
     refit: str
     metrics: OutputMetrics
     pareto: bool = False
+    layer: int | None = None  # index of the repaired layer (set when several layers were tried)
 
     def to_dict(self) -> dict[str, Any]:
         m = self.metrics
-        return {"c1": self.c1, "c2": self.c2, "refit": self.refit, "ks": m.ks, "mean_gap": m.mean_gap, "mse": m.mse,
-                "mae": m.mae, "pareto": self.pareto}
+        return {"layer": self.layer, "c1": self.c1, "c2": self.c2, "refit": self.refit, "ks": m.ks,
+                "mean_gap": m.mean_gap, "mse": m.mse, "mae": m.mae, "pareto": self.pareto}
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,8 @@ def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequen
                 points.append((a, b, mode, after))
     flags = pareto_flags([(m.ks, _cost(m)) for *_rest, m in points])
     return SweepResult(layer=prep.layer, groups=prep.reader.group_labels(), before=prep.before,
-                       points=tuple(SweepPoint(a, b, mode, m, f) for (a, b, mode, m), f in zip(points, flags)),
+                       points=tuple(SweepPoint(a, b, mode, m, f, prep.layer.index)
+                                    for (a, b, mode, m), f in zip(points, flags)),
                        report_rows="holdout" if holdout > 0 else "fit", warnings=tuple(prep.notes))
 
 
@@ -154,7 +156,13 @@ def repair_within_budget(model: Any, data: Any, *, layer: int | str, group: str,
             raise OptionError(f"--max-{key.replace('_', '-')} {value:g} is invalid; it must be a number >= 0")
     if target is None:
         raise OptionError("--max-ks and --max-mean-gap rank the settings by MSE: add --target COL")
-    result = sweep(model, data, layer=layer, group=group, target=target, c1=c1, c2=c2, refit=refit, **kwargs)
+    layers = auto_layers(model, data, group=group, target=target, **kwargs) if layer == "auto" else [layer]
+    sweeps = [sweep(model, data, layer=lay, group=group, target=target, c1=c1, c2=c2, refit=refit, **kwargs)
+              for lay in layers]
+    result = sweeps[0] if len(sweeps) == 1 else SweepResult(
+        layer=sweeps[0].layer, groups=sweeps[0].groups, before=sweeps[0].before,
+        points=tuple(p for sw in sweeps for p in sw.points), report_rows=sweeps[0].report_rows,
+        warnings=tuple(dict.fromkeys(w for sw in sweeps for w in sw.warnings)))
 
     def excess(p: SweepPoint) -> float:
         values = p.metrics.to_dict()
@@ -168,7 +176,38 @@ def repair_within_budget(model: Any, data: Any, *, layer: int | str, group: str,
     runner_up = feasible[1] if len(feasible) > 1 else None
     options = {k: v for k, v in kwargs.items() if k in ("groups", "features", "eps", "ridge", "holdout", "seed",
                                                         "batch_size", "progress")}
-    chosen = repair(model, data, layer=layer, group=group, target=target, c1=winner.c1, c2=winner.c2,
+    chosen = repair(model, data, layer=winner.layer, group=group, target=target, c1=winner.c1, c2=winner.c2,
                     refit=winner.refit, **options)
     return BudgetResult(chosen, winner, runner_up, None, budget, result)
 
+
+
+#: How many of audit's top-ranked layers `--layer auto` tries (plus the second-last linear node).
+AUTO_CANDIDATES = 2
+
+
+def auto_layers(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = None,
+                target: str | None = None, features: Sequence[str] | None = None, eps: float = 1e-5,
+                batch_size: int = 4096, progress: Any = None, **_ignored: Any) -> list[int]:
+    """The layers `--layer auto` tries: audit's top-ranked ones and the second-last linear node (the paper's
+    choice), in that order, without repeats."""
+    from .audit import audit
+
+    report = audit(model, data, group=group, groups=groups, target=target, features=features, eps=eps,
+                   batch_size=batch_size, progress=progress)
+    ranked = [a.layer.index for a in report.ranked() if a.rank is not None][:AUTO_CANDIDATES]
+    if len(report.layers) >= 2:
+        ranked.append(report.layers[-2].layer.index)
+    if not ranked:
+        raise OptionError("--layer auto found no layer worth repairing (the only linear node is a single-output "
+                          "final node); give --layer")
+    return list(dict.fromkeys(ranked))
+
+
+def repair_auto(model: Any, data: Any, *, group: str, **kwargs: Any) -> RepairResult:
+    """`repair` with `--layer auto`: repair each candidate layer with the given options and keep the one with
+    the lowest holdout KS (ties: lower MSE)."""
+    keys = ("groups", "target", "features", "eps", "batch_size", "progress")
+    candidates = auto_layers(model, data, group=group, **{k: v for k, v in kwargs.items() if k in keys})
+    results = [repair(model, data, layer=lay, group=group, **kwargs) for lay in candidates]
+    return min(results, key=lambda r: (r.after.ks, r.after.mse if r.after.mse is not None else 0.0))
