@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv dev clean fixtures bench bench-paper bench-exporters
+.PHONY: demo test venv dev clean fixtures bench bench-paper bench-exporters bench-budget
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench: $(VENV)/.installed
 # The paper's Law School table, the baselines and the c1/c2 trade-off plot (about 3 minutes).
 bench-paper: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/paper_law_school.py --seeds 10 --plot docs/law_school_tradeoff.png
+
+# repair --max-ks 0.15 on held-out Law School models.
+bench-budget: $(VENV)/.installed-bench
+	$(BIN)/python benchmarks/budget_law_school.py --seeds 5 --max-ks 0.15
 
 # The default repair on models from torch's two exporters and skl2onnx.
 bench-exporters: $(VENV)/.installed-bench
