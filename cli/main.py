@@ -147,7 +147,10 @@ def repair(
             raise OptionError(f"--refit {refit!r} is invalid; choose fair, plain or none")
         ridge_value = _ridge(ridge)
         if plot is not None:
+            from onnx_esvd.plots import check_plot_path
+
             check_output_path(plot, inputs=(model, data, out), force=True, option="--plot")
+            check_plot_path(plot)
         progress = Progress(quiet=quiet)
         budget = None
         try:
@@ -161,7 +164,7 @@ def repair(
                     seed=seed, batch_size=batch_size, progress=progress)
                 result = budget.result
             elif layer.strip() == "auto":
-                from onnx_esvd.sweep import repair_auto
+                from onnx_esvd.tradeoff import repair_auto
 
                 result = repair_auto(
                     model, data, group=group, groups=_split(groups), target=target, features=_split(features),
@@ -231,12 +234,18 @@ def sweep(
 
         def numbers(text: str, name: str) -> list[float]:
             try:
-                return [float(v) for v in _split(text) or []]
+                values = [float(v) for v in _split(text) or []]
             except ValueError:
-                raise OptionError(f"--{name} {text!r} is invalid; give numbers separated by commas, e.g. 1,5,15") from None
+                values = []
+            if not values:
+                raise OptionError(f"--{name} {text!r} is invalid; give numbers separated by commas, e.g. 1,5,15")
+            return values
 
         if plot is not None:
+            from onnx_esvd.plots import check_plot_path
+
             check_output_path(plot, inputs=(model, data), force=True, option="--plot")
+            check_plot_path(plot)
         progress = Progress(quiet=quiet)
         try:
             result = run_sweep(model, data, layer=layer, group=group, groups=_split(groups), target=target,

@@ -4,7 +4,8 @@ The public API: `repair` (model and data in, repaired model and report out), `au
 disparity lives, layer by layer), `check` (a fairness gate for CI), `list_layers`, the result and
 option types, the data reader protocol and the error family.
 
-Submodules load on first use, so `import onnx_esvd` stays cheap and `check` never pays for scipy.
+Submodules load on first use, so `import onnx_esvd` stays cheap and `check` never pays for scipy. No
+submodule shares its name with a public function (importing it would bind the module over the name).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ _LAZY = {
     "default_output_path": "pipeline",
     "RepairResult": "pipeline",
     "RepairOptions": "pipeline",
-    "audit": "audit",
-    "AuditResult": "audit",
-    "LayerAudit": "audit",
+    "audit": "explain",
+    "AuditResult": "explain",
+    "LayerAudit": "explain",
     "check": "gate",
     "CheckResult": "gate",
     "ThresholdResult": "gate",
@@ -33,11 +34,11 @@ _LAZY = {
     "GroupSummary": "metrics",
     "ks_statistic": "metrics",
     "BatchReader": "data",
-    "sweep": "sweep",
-    "SweepResult": "sweep",
-    "SweepPoint": "sweep",
-    "repair_within_budget": "sweep",
-    "BudgetResult": "sweep",
+    "sweep": "tradeoff",
+    "SweepResult": "tradeoff",
+    "SweepPoint": "tradeoff",
+    "repair_within_budget": "tradeoff",
+    "BudgetResult": "tradeoff",
 }
 
 __all__ = [
@@ -63,10 +64,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .audit import AuditResult, LayerAudit, audit
+    from .explain import AuditResult, LayerAudit, audit
     from .data import BatchReader
     from .gate import CheckResult, ThresholdResult, check
     from .graph import GraphLayers, LinearLayer, list_layers
     from .metrics import GroupSummary, OutputMetrics, ks_statistic
     from .pipeline import RepairOptions, RepairResult, default_output_path, repair
-    from .sweep import BudgetResult, SweepPoint, SweepResult, repair_within_budget, sweep
+    from .tradeoff import BudgetResult, SweepPoint, SweepResult, repair_within_budget, sweep

@@ -41,6 +41,13 @@ def _check_external_locations(model: onnx.ModelProto, base: Path, path: Path) ->
                              "copy the data file next to the model")
 
 
+def readable_by_others(path: str | os.PathLike) -> None:
+    """Give a temporary file (mkstemp makes them 0600) the mode a plain open() would have (0666 & ~umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
     """Load a model file (external data included) or take a ModelProto as it is (not copied)."""
     if isinstance(source, onnx.ModelProto):
@@ -116,6 +123,7 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, *, external_da
                 f.write(model.SerializeToString())
                 f.flush()
                 os.fsync(f.fileno())
+            readable_by_others(tmp)
             os.replace(tmp, out)
         except BaseException:
             if os.path.exists(tmp):
@@ -155,6 +163,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        readable_by_others(tmp)
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):

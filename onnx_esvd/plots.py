@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .errors import OptionError
+from .modelio import readable_by_others
 
 INSTALL_HINT = "--plot needs matplotlib, which is not installed: pip install 'onnx-esvd[plot]' (or pip install matplotlib)"
 
@@ -25,6 +26,17 @@ def _pyplot() -> Any:
     return plt
 
 
+def check_plot_path(path: str | os.PathLike) -> None:
+    """Before any work: matplotlib is installed and can write this file type (else a one-line OptionError)."""
+    _pyplot()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    suffix = Path(path).suffix.lstrip(".").lower() or "png"
+    supported = FigureCanvasAgg.get_supported_filetypes()
+    if suffix not in supported:
+        raise OptionError(f"--plot {path}: matplotlib cannot write '.{suffix}' files; use .png, .svg or .pdf")
+
+
 def _save(fig: Any, path: str | os.PathLike) -> Path:
     """Write the figure atomically (temp file in the target directory, then rename)."""
     out = Path(path)
@@ -36,6 +48,7 @@ def _save(fig: Any, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, format=suffix.lstrip(".") or "png")
+        readable_by_others(tmp)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -191,7 +191,7 @@ def auto_layers(model: Any, data: Any, *, group: str, groups: Sequence[str] | No
                 batch_size: int = 4096, progress: Any = None, **_ignored: Any) -> list[int]:
     """The layers `--layer auto` tries: audit's top-ranked ones and the second-last linear node (the paper's
     choice), in that order, without repeats."""
-    from .audit import audit
+    from .explain import audit
 
     report = audit(model, data, group=group, groups=groups, target=target, features=features, eps=eps,
                    batch_size=batch_size, progress=progress)
