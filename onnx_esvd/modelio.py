@@ -117,18 +117,7 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, *, external_da
             onnx.checker.check_model(model)
         except Exception as exc:
             raise ModelError(f"the repaired model fails onnx.checker: {_first_line(exc)}") from None
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(model.SerializeToString())
-                f.flush()
-                os.fsync(f.fileno())
-            readable_by_others(tmp)
-            os.replace(tmp, out)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        _write_atomic(out, model.SerializeToString())
         return out
     data_name = f"{out.name}.data"
     with tempfile.TemporaryDirectory(dir=parent, prefix=f".{out.name}.") as tmpdir:
@@ -153,20 +142,25 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file atomically (temp file in the same directory, then rename)."""
-    out = Path(path)
-    parent = out.parent if str(out.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp")
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file in the target directory, fsync, then rename it over `path`."""
+    parent = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         readable_by_others(tmp)
-        os.replace(tmp, out)
+        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically (temp file in the same directory, then rename)."""
+    out = Path(path)
+    _write_atomic(out, text.encode("utf-8"))
     return out

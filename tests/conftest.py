@@ -433,3 +433,25 @@ def describe_diff(a: onnx.ModelProto, b: onnx.ModelProto) -> str:
         if name in ib and ia[name].SerializeToString() != ib[name].SerializeToString():
             parts.append(f"initializer '{name}' differs")
     return "; ".join(parts) or "(other fields differ)"
+
+
+def invoke(*args):
+    """Run the CLI in-process (typer's CliRunner); arguments may be paths."""
+    from typer.testing import CliRunner
+
+    from onnx_esvd_cli.main import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_bad_input(result, *needles):
+    """Exit 2, exactly one line on stderr starting with 'error:', no traceback, nothing on stdout."""
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert result.stdout.strip() == ""
+    return lines[0]

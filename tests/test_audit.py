@@ -13,13 +13,12 @@ import onnx
 import pytest
 import scipy.stats
 from onnx import helper
-from typer.testing import CliRunner
 
-from conftest import (CASES, FIXTURES, REPAIRABLE, copy_fixtures, dir_state, feeds_from_columns, group_label_text,
+from conftest import (assert_bad_input, invoke,
+                      CASES, FIXTURES, REPAIRABLE, copy_fixtures, dir_state, feeds_from_columns, group_label_text,
                       load_table, make_model, ort_session, run_tensors, tensor, write_csv)
 from onnx_esvd import audit, check
 from onnx_esvd.graph import find_layers, read_weight
-from onnx_esvd_cli.main import app
 
 LAW_FEATURES = ["dnn_bar_pass_prediction", "gender_female", "gender_male", "lsat", "pass_bar"]
 HAND_FEATURES = [f"x{j}" for j in range(6)]
@@ -35,22 +34,6 @@ def features_of(data: str) -> list[str]:
     return LAW_FEATURES if data.startswith("law_school") else HAND_FEATURES
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_bad_input(result, *needles):
-    """Exit 2, exactly one line on stderr starting with 'error:', no traceback, nothing on stdout."""
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    err = result.stderr
-    assert "Traceback" not in err and "Traceback" not in result.stdout
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    assert result.stdout.strip() == ""
-    return lines[0]
 
 
 def rel_err(got: float, want: float, floor: float = 0.0) -> float:

@@ -11,30 +11,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from typer.testing import CliRunner
 
-from conftest import CASES, FIXTURES, copy_fixtures, dir_state, load_table, sha256, write_csv
-from onnx_esvd_cli.main import app
+from conftest import (CASES, FIXTURES, assert_bad_input, copy_fixtures, dir_state, invoke, load_table, sha256,
+                      write_csv)
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("onnx-esvd")
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_bad_input(result, *needles):
-    """Exit 2, one line on stderr starting with 'error:', no traceback, nothing on stdout."""
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    err = result.stderr
-    assert "Traceback" not in err and "Traceback" not in result.stdout
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    assert result.stdout.strip() == ""
-    return lines[0]
 
 
 @pytest.fixture

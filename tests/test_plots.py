@@ -14,13 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 import onnx_esvd
-from conftest import CASES, LAW_GROUPS, copy_fixtures, dir_state
+from conftest import assert_bad_input, invoke, CASES, LAW_GROUPS, copy_fixtures, dir_state
 from onnx_esvd import OptionError, repair
 from onnx_esvd.plots import plot_distributions, plot_tradeoff
-from onnx_esvd_cli.main import app
 
 sweep = onnx_esvd.sweep
 
@@ -31,21 +29,6 @@ FEATURES = [f"x{j}" for j in range(6)]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_bad_input(result, *needles):
-    """Exit 2, one line on stderr starting with 'error:', no traceback, nothing on stdout."""
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    assert result.stdout.strip() == ""
-    return lines[0]
 
 
 @pytest.fixture

@@ -17,12 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
-from typer.testing import CliRunner
 
 import onnx_esvd
-from conftest import CASES, LAW_GROUPS, copy_fixtures, dir_state
+from conftest import assert_bad_input, invoke, CASES, LAW_GROUPS, copy_fixtures, dir_state
 from onnx_esvd import OptionError, repair
-from onnx_esvd_cli.main import app
 
 sweep = onnx_esvd.sweep
 sweep_mod = sys.modules["onnx_esvd.tradeoff"]  # the module whose helpers the pass-counting tests wrap
@@ -42,21 +40,6 @@ TOL = 1e-12
 POINT_KEYS = {"c1", "c2", "refit", "ks", "mean_gap", "mse", "mae", "pareto"}
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_bad_input(result, *needles):
-    """Exit 2, one line on stderr starting with 'error:', no traceback, nothing on stdout."""
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    assert result.stdout.strip() == ""
-    return lines[0]
 
 
 @pytest.fixture
