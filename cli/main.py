@@ -42,6 +42,18 @@ GroupsOpt = Annotated[Optional[str], typer.Option(
 TargetOpt = Annotated[Optional[str], typer.Option(
     "--target", help="Label column: enables MSE/MAE and the label-based refit.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Rows per onnxruntime run.")]
+LayerOpt = Annotated[str, typer.Option("--layer", help="Index from `onnx-esvd layers` (negative counts from the "
+                                                       "end: -2 is the second-last) or node name.", show_default=False)]
+AutoLayerOpt = Annotated[str, typer.Option("--layer", help="Index from `onnx-esvd layers` (negative counts from the "
+                                                           "end: -2 is the second-last), node name, or 'auto' "
+                                                           "(audit's top layers and the second-last).",
+                                           show_default=False)]
+EpsOpt = Annotated[float, typer.Option("--eps", help="The eps of delta delta^T + eps I in the first-moment step.")]
+RidgeOpt = Annotated[str, typer.Option("--ridge", metavar="auto|FLOAT", help="Ridge term of the refit, or 'auto' "
+                                                                             "to choose it on held-out fit rows.")]
+HoldoutOpt = Annotated[float, typer.Option("--holdout", help="Share of rows kept out of the fit to measure the "
+                                                             "result (0: fit and report on all).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the holdout and ridge splits.")]
 FeaturesOpt = Annotated[Optional[str], typer.Option(
     "--features", metavar="COL,...", help="Feature columns in model order (default: every column but the group "
                                           "and target columns, in file order).")]
@@ -94,10 +106,7 @@ def layers(model: ModelArg, json_out: JsonOpt = False, debug: DebugOpt = False) 
 @app.command()
 def repair(
     model: ModelArg,
-    layer: Annotated[str, typer.Option("--layer", help="Index from `onnx-esvd layers` (negative counts from "
-                                                       "the end: -2 is the second-last), node name, or 'auto' "
-                                                       "(audit's top layers and the second-last, best holdout KS).",
-                                       show_default=False)],
+    layer: AutoLayerOpt,
     data: DataOpt,
     group: GroupOpt,
     groups: GroupsOpt = None,
@@ -107,16 +116,12 @@ def repair(
                                                    "(1 skips).")] = 15.0,
     c2: Annotated[float, typer.Option("--c2", help="Second-moment shrink: divide the covariance-gap bound by "
                                                    "c2 (1 skips).")] = 150.0,
-    eps: Annotated[float, typer.Option("--eps", help="Ridge of delta delta^T + eps I in the first-moment "
-                                                     "step.")] = 1e-5,
+    eps: EpsOpt = 1e-5,
     refit: Annotated[str, typer.Option("--refit", help="Refit of the final node: fair (keeps output mean "
                                                        "parity), plain (least squares), none.")] = "fair",
-    ridge: Annotated[str, typer.Option("--ridge", metavar="auto|FLOAT", help="Ridge term of the refit, or "
-                                                                             "'auto' to choose it on held-out "
-                                                                             "fit rows.")] = "auto",
-    holdout: Annotated[float, typer.Option("--holdout", help="Share of rows kept out of the fit to measure "
-                                                             "before/after (0: fit and report on all).")] = 0.2,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the holdout and ridge splits.")] = 0,
+    ridge: RidgeOpt = "auto",
+    holdout: HoldoutOpt = 0.2,
+    seed: SeedOpt = 0,
     batch_size: BatchOpt = 4096,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (default: MODEL stem + "
                                                                           ".esvd.onnx next to MODEL).")] = None,
@@ -133,7 +138,7 @@ def repair(
 ) -> None:
     """Patch one linear layer with the explainable-SVD correction, refit the final node, write a new model."""
     with handled(debug):
-        from onnx_esvd import OptionError, default_output_path
+        from onnx_esvd import default_output_path
         from onnx_esvd import repair as run_repair
         from onnx_esvd._json import dumps
         from onnx_esvd.modelio import check_output_path
@@ -143,8 +148,6 @@ def repair(
 
         out = output if output is not None else default_output_path(model)
         check_output_path(out, inputs=(model, data), force=force)
-        if refit not in ("fair", "plain", "none"):
-            raise OptionError(f"--refit {refit!r} is invalid; choose fair, plain or none")
         ridge_value = _ridge(ridge)
         if plot is not None:
             from onnx_esvd.plots import check_plot_path
@@ -200,8 +203,7 @@ def repair(
 @app.command()
 def sweep(
     model: ModelArg,
-    layer: Annotated[str, typer.Option("--layer", help="Index from `onnx-esvd layers` (negative from the end) or "
-                                                       "node name.", show_default=False)],
+    layer: LayerOpt,
     data: DataOpt,
     group: GroupOpt,
     groups: GroupsOpt = None,
@@ -211,11 +213,10 @@ def sweep(
     c2: Annotated[str, typer.Option("--c2", metavar="LIST", help="c2 values, comma-separated.")] = "1,10,150,1000",
     refit: Annotated[str, typer.Option("--refit", metavar="LIST", help="Refit modes, comma-separated "
                                                                        "(fair, plain, none).")] = "fair",
-    eps: Annotated[float, typer.Option("--eps", help="The eps of delta delta^T + eps I.")] = 1e-5,
-    ridge: Annotated[str, typer.Option("--ridge", metavar="auto|FLOAT", help="Ridge term of the refit.")] = "auto",
-    holdout: Annotated[float, typer.Option("--holdout", help="Share of rows kept out of the fit to measure "
-                                                             "each setting.")] = 0.2,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the holdout and ridge splits.")] = 0,
+    eps: EpsOpt = 1e-5,
+    ridge: RidgeOpt = "auto",
+    holdout: HoldoutOpt = 0.2,
+    seed: SeedOpt = 0,
     batch_size: BatchOpt = 4096,
     plot: PlotOpt = None,
     json_out: JsonOpt = False,
@@ -282,8 +283,7 @@ def audit(
     groups: GroupsOpt = None,
     target: TargetOpt = None,
     features: FeaturesOpt = None,
-    eps: Annotated[float, typer.Option("--eps", help="The eps of delta delta^T + eps I in the mean-gap "
-                                                     "bound.")] = 1e-5,
+    eps: EpsOpt = 1e-5,
     top: Annotated[int, typer.Option("--top", help="How many leading singular directions the shares "
                                                    "count.")] = 3,
     batch_size: BatchOpt = 4096,

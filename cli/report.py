@@ -70,7 +70,8 @@ def repair_report(res: Any, model_path: str, output: str | None) -> str:
         rows += [("MSE", num(b.mse), num(a.mse), change(b.mse, a.mse)),
                  ("MAE", num(b.mae), num(a.mae), change(b.mae, a.mae))]
     for gb, ga in zip(b.groups, a.groups):
-        rows += [(f"rows {gb.label}", str(gb.count), str(ga.count), ""),(f"mean {gb.label}", num(gb.mean), num(ga.mean), ""),
+        rows += [(f"rows {gb.label}", str(gb.count), str(ga.count), ""),
+                 (f"mean {gb.label}", num(gb.mean), num(ga.mean), ""),
                  (f"std {gb.label}", num(gb.std), num(ga.std), "")]
         if gb.mse is not None:
             rows.append((f"MSE {gb.label}", num(gb.mse), num(ga.mse), change(gb.mse, ga.mse)))

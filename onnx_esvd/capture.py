@@ -60,6 +60,14 @@ def source_name(obj: Any) -> str:
     return f"<{type(obj).__name__}>"
 
 
+def open_rows(model: onnx.ModelProto, data: Any, spec: DataSpec, *, batch_size: int, seed: int = 0) -> RowReader:
+    """The data (a path, arrays or a reader) as batches of feeds for `model`, columns checked."""
+    from .data import open_table
+
+    table = open_table(data)
+    return RowReader(table, plan_inputs(model, table, spec), spec, batch_size=positive_batch(batch_size), seed=seed)
+
+
 def row_uniform(seed: int, start: int, n: int) -> np.ndarray:
     """A seeded uniform [0, 1) per global row index (splitmix64), independent of batch sizes."""
     return row_uniform_at(seed, np.arange(start, start + n, dtype=np.uint64))

@@ -209,7 +209,8 @@ def first_moment_step(weight: np.ndarray, stats: LayerStats, c1: float, eps: flo
     return new, report
 
 
-def esvd(weight: np.ndarray, stats: LayerStats, *, c1: float = 15.0, c2: float = 150.0, eps: float = 1e-5) -> EsvdResult:
+def esvd(weight: np.ndarray, stats: LayerStats, *, c1: float = 15.0, c2: float = 150.0,
+         eps: float = 1e-5) -> EsvdResult:
     """Run step 1 (second moment, c2) then step 2 (first moment, c1) on `weight: [m, d]`."""
     if c1 < 1 or c2 < 1:
         raise ValueError(f"c1 and c2 must be >= 1 (got c1={c1}, c2={c2})")

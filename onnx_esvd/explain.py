@@ -8,9 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .capture import (RowReader, capture, capture_metrics, data_spec, group_stats, plan_inputs, positive_batch,
-                      source_name)
-from .data import open_table
+from .capture import (capture, capture_metrics, data_spec, group_stats, open_rows, source_name)
 from .errors import OptionError
 from .esvd import MomentGap, disparity_view
 from .graph import LinearLayer, find_layers, read_weight
@@ -86,8 +84,7 @@ def audit(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = N
     spec = data_spec(group, groups, target, features)
     loaded = load_model(model)
     found = find_layers(loaded.model)
-    table = open_table(data)
-    reader = RowReader(table, plan_inputs(loaded.model, table, spec), spec, batch_size=positive_batch(batch_size))
+    reader = open_rows(loaded.model, data, spec, batch_size=batch_size)
     cap = capture(loaded.model, found.layers, reader, 0.0, progress or (lambda name, rows: None))
     metrics = capture_metrics(cap, reader)
     notes: list[str] = []
@@ -103,6 +100,6 @@ def audit(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = N
     rank = {i: r + 1 for r, i in enumerate(order)}
     layers = tuple(LayerAudit(layer, first, second, score, rank.get(i))
                    for i, (layer, first, second, score) in enumerate(views))
-    return AuditResult(model=source_name(model), data=source_name(data), groups=reader.group_labels(), rows=reader.total,
-                       skipped=reader.skipped, metrics=metrics, layers=layers, refused=dict(found.refused), top=top,
-                       eps=float(eps), warnings=tuple(dict.fromkeys(notes)))
+    return AuditResult(model=source_name(model), data=source_name(data), groups=reader.group_labels(),
+                       rows=reader.total, skipped=reader.skipped, metrics=metrics, layers=layers,
+                       refused=dict(found.refused), top=top, eps=float(eps), warnings=tuple(dict.fromkeys(notes)))

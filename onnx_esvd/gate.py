@@ -11,9 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .capture import (Progress, RowReader, capture, capture_metrics, check_groups_present, data_spec, plan_inputs,
-                      positive_batch, source_name)
-from .data import open_table
+from .capture import (Progress, capture, capture_metrics, check_groups_present, data_spec, open_rows, source_name)
 from .errors import OptionError
 from .metrics import OutputMetrics
 from .modelio import load_model
@@ -100,8 +98,7 @@ def measure(model: Any, data: Any, *, group: str, groups: Sequence[str] | None =
     """Run the model over every row of the two groups and compute the output metrics."""
     spec = data_spec(group, groups, target, features)
     loaded = load_model(model)
-    table = open_table(data)
-    reader = RowReader(table, plan_inputs(loaded.model, table, spec), spec, batch_size=positive_batch(batch_size))
+    reader = open_rows(loaded.model, data, spec, batch_size=batch_size)
     cap = capture(loaded.model, [], reader, 0.0, progress or (lambda name, rows: None))
     check_groups_present(cap, reader)
     return Measured(capture_metrics(cap, reader), reader.group_labels(), reader.total, reader.skipped)

@@ -24,8 +24,8 @@ from .errors import DataError, LayerError, ModelError, OptionError
 from .esvd import EsvdResult, esvd
 from .graph import (LinearLayer, find_layers, output_path_is_value_preserving,
                     read_weight, select_layer, with_outputs, write_bias, write_weight)
-from .capture import (DataSpec, Rows, data_spec, Progress, RowReader, as_rows, capture, capture_metrics, group_stats,
-                      plan_inputs, report_outputs)
+from .capture import (DataSpec, Progress, RowReader, Rows, as_rows, capture, capture_metrics, data_spec,
+                      group_stats, open_rows, report_outputs)
 from .data import Table, open_table
 from .metrics import OutputMetrics
 from .modelio import LoadedModel, check_output_path, load_model, save_model
@@ -230,7 +230,7 @@ def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Dat
     layer = select_layer(found, layer_spec)
     if not original.graph.output:
         raise ModelError("the model has no outputs")
-    reader = RowReader(table, plan_inputs(original, table, spec), spec, batch_size=batch_size, seed=seed)
+    reader = open_rows(original, table, spec, batch_size=batch_size, seed=seed)
     notes: list[str] = []
     cap = capture(original, [layer], reader, holdout, progress)
     stats = group_stats(cap, layer, reader, notes)

@@ -12,7 +12,8 @@ import numpy as np
 from .errors import OptionError
 from .modelio import readable_by_others
 
-INSTALL_HINT = "--plot needs matplotlib, which is not installed: pip install 'onnx-esvd[plot]' (or pip install matplotlib)"
+INSTALL_HINT = ("--plot needs matplotlib, which is not installed: pip install 'onnx-esvd[plot]' "
+                "(or pip install matplotlib)")
 
 
 def _pyplot() -> Any:
