@@ -455,3 +455,17 @@ def assert_bad_input(result, *needles):
         assert needle in lines[0], (needle, lines[0])
     assert result.stdout.strip() == ""
     return lines[0]
+
+
+def external_data_copy(tmp_path: Path, location_of) -> onnx.ModelProto:
+    """The legacy Law School model saved with external data in `tmp_path` (`base.onnx` + `base.onnx.data`),
+    returned unloaded with every tensor's data location rewritten by `location_of(location)`."""
+    model = onnx.load(str(FIXTURES / "law_school_mlp_legacy.onnx"))
+    onnx.save(model, str(tmp_path / "base.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="base.onnx.data", size_threshold=0)
+    proto = onnx.load(str(tmp_path / "base.onnx"), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location_of(entry.value)
+    return proto

@@ -7,37 +7,18 @@ import sys
 
 import onnx
 import pytest
-from typer.testing import CliRunner
 
-from conftest import FIXTURES
+from conftest import FIXTURES, external_data_copy, invoke
 from onnx_esvd import DataError, ModelError, OptionError, OutputError, repair
 from onnx_esvd.modelio import load_model, save_model
-from onnx_esvd_cli.main import app
 
 LEGACY = FIXTURES / "law_school_mlp_legacy.onnx"
 SMALL = FIXTURES / "gemm_transb0_alpha.onnx"
 SMALL_CSV = FIXTURES / "gemm_transb0_alpha.csv"
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _external(tmp_path, location_of):
-    """A copy of the legacy model whose external data location is rewritten by `location_of(name)`."""
-    model = onnx.load(str(LEGACY))
-    onnx.save(model, str(tmp_path / "base.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="base.onnx.data", size_threshold=0)
-    proto = onnx.load(str(tmp_path / "base.onnx"), load_external_data=False)
-    for tensor in proto.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = location_of(entry.value)
-    return proto
-
-
 def test_absolute_external_location_is_refused_before_reading(tmp_path):
-    proto = _external(tmp_path, lambda loc: str(tmp_path / loc))
+    proto = external_data_copy(tmp_path, lambda loc: str(tmp_path / loc))
     path = tmp_path / "abs.onnx"
     path.write_bytes(proto.SerializeToString())
     with pytest.raises(ModelError, match="outside the model's directory"):
@@ -47,7 +28,7 @@ def test_absolute_external_location_is_refused_before_reading(tmp_path):
 def test_symlink_out_of_the_model_directory_is_refused(tmp_path):
     inner = tmp_path / "inner"
     inner.mkdir()
-    proto = _external(tmp_path, lambda loc: "link.data")
+    proto = external_data_copy(tmp_path, lambda loc: "link.data")
     os.symlink(tmp_path / "base.onnx.data", inner / "link.data")
     path = inner / "sym.onnx"
     path.write_bytes(proto.SerializeToString())

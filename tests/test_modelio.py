@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import FIXTURES
+from conftest import FIXTURES, external_data_copy
 from onnx_esvd import ModelError, repair
 from onnx_esvd.modelio import load_model, save_model
 
@@ -60,14 +60,7 @@ def test_stale_data_file_is_replaced_not_appended(tmp_path):
 def test_external_location_outside_the_model_directory_is_refused(tmp_path):
     inner = tmp_path / "models"
     inner.mkdir()
-    model = onnx.load(str(LEGACY))
-    onnx.save(model, str(tmp_path / "weights.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="shared.data", size_threshold=0)
-    escaped = onnx.load(str(tmp_path / "weights.onnx"), load_external_data=False)
-    for tensor in escaped.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = "../shared.data"
+    escaped = external_data_copy(tmp_path, lambda location: "../" + location)
     path = inner / "escape.onnx"
     with open(path, "wb") as f:
         f.write(escaped.SerializeToString())
