@@ -54,6 +54,9 @@ RidgeOpt = Annotated[str, typer.Option("--ridge", metavar="auto|FLOAT", help="Ri
 HoldoutOpt = Annotated[float, typer.Option("--holdout", help="Share of rows kept out of the fit to measure the "
                                                              "result (0: fit and report on all).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the holdout and ridge splits.")]
+ScoreOpt = Annotated[Optional[str], typer.Option(
+    "--score", metavar="NAME[:COL]", help="The model output (and column) whose distribution is scored and repaired "
+                                         "(default: the only floating-point output; column 1 of an [N, 2] output).")]
 FeaturesOpt = Annotated[Optional[str], typer.Option(
     "--features", metavar="COL,...", help="Feature columns in model order (default: every column but the group "
                                           "and target columns, in file order).")]
@@ -82,7 +85,7 @@ def main(
 
 
 @app.command()
-def layers(model: ModelArg, json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
+def layers(model: ModelArg, score: ScoreOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
     """List the repairable linear nodes (Gemm, MatMul with a constant weight) in graph order."""
     with handled(debug):
         from onnx_esvd import list_layers
@@ -90,10 +93,11 @@ def layers(model: ModelArg, json_out: JsonOpt = False, debug: DebugOpt = False) 
 
         from .report import layers_table
 
-        found = list_layers(model)
+        found = list_layers(model, score=score)
         if json_out:
             typer.echo(dumps({
                 "model": str(model),
+                "score": found.score_tensor,
                 "layers": [layer.to_dict() for layer in found.layers],
                 "refused": [{"name": name, "reason": reason} for name, reason in found.refused.items()],
             }, indent=2))
@@ -112,6 +116,7 @@ def repair(
     groups: GroupsOpt = None,
     target: TargetOpt = None,
     features: FeaturesOpt = None,
+    score: ScoreOpt = None,
     c1: Annotated[float, typer.Option("--c1", help="First-moment shrink: divide the mean-gap bound by c1 "
                                                    "(1 skips).")] = 15.0,
     c2: Annotated[float, typer.Option("--c2", help="Second-moment shrink: divide the covariance-gap bound by "
@@ -162,7 +167,7 @@ def repair(
 
                 budget = repair_within_budget(
                     model, data, layer=layer, group=group, groups=_split(groups), target=target,
-                    features=_split(features), max_ks=max_ks, max_mean_gap=max_mean_gap,
+                    features=_split(features), score=score, max_ks=max_ks, max_mean_gap=max_mean_gap,
                     refit=None if refit == "fair" else [refit], eps=eps, ridge=ridge_value, holdout=holdout,
                     seed=seed, batch_size=batch_size, progress=progress)
                 result = budget.result
@@ -170,13 +175,13 @@ def repair(
                 from onnx_esvd.tradeoff import repair_auto
 
                 result = repair_auto(
-                    model, data, group=group, groups=_split(groups), target=target, features=_split(features),
+                    model, data, group=group, groups=_split(groups), target=target, features=_split(features), score=score,
                     c1=c1, c2=c2, eps=eps, refit=refit, ridge=ridge_value, holdout=holdout, seed=seed,
                     batch_size=batch_size, progress=progress)
             else:
                 result = run_repair(
                     model, data, layer=layer, group=group, groups=_split(groups), target=target,
-                    features=_split(features), c1=c1, c2=c2, eps=eps, refit=refit, ridge=ridge_value,  # type: ignore[arg-type]
+                    features=_split(features), score=score, c1=c1, c2=c2, eps=eps, refit=refit, ridge=ridge_value,  # type: ignore[arg-type]
                     holdout=holdout, seed=seed, batch_size=batch_size, progress=progress,
                 )
         finally:
@@ -209,6 +214,7 @@ def sweep(
     groups: GroupsOpt = None,
     target: TargetOpt = None,
     features: FeaturesOpt = None,
+    score: ScoreOpt = None,
     c1: Annotated[str, typer.Option("--c1", metavar="LIST", help="c1 values, comma-separated.")] = "1,5,15,50,150",
     c2: Annotated[str, typer.Option("--c2", metavar="LIST", help="c2 values, comma-separated.")] = "1,10,150,1000",
     refit: Annotated[str, typer.Option("--refit", metavar="LIST", help="Refit modes, comma-separated "
@@ -250,7 +256,7 @@ def sweep(
         progress = Progress(quiet=quiet)
         try:
             result = run_sweep(model, data, layer=layer, group=group, groups=_split(groups), target=target,
-                               features=_split(features), c1=numbers(c1, "c1"), c2=numbers(c2, "c2"),
+                               features=_split(features), score=score, c1=numbers(c1, "c1"), c2=numbers(c2, "c2"),
                                refit=_split(refit), eps=eps, ridge=_ridge(ridge), holdout=holdout, seed=seed,
                                batch_size=batch_size, progress=progress)
         finally:
@@ -283,6 +289,7 @@ def audit(
     groups: GroupsOpt = None,
     target: TargetOpt = None,
     features: FeaturesOpt = None,
+    score: ScoreOpt = None,
     eps: EpsOpt = 1e-5,
     top: Annotated[int, typer.Option("--top", help="How many leading singular directions the shares "
                                                    "count.")] = 3,
@@ -302,7 +309,7 @@ def audit(
         progress = Progress(quiet=quiet)
         try:
             result = run_audit(model, data, group=group, groups=_split(groups), target=target,
-                               features=_split(features), eps=eps, top=top, batch_size=batch_size,
+                               features=_split(features), score=score, eps=eps, top=top, batch_size=batch_size,
                                progress=progress)
         finally:
             progress.close()
@@ -317,6 +324,7 @@ def check(
     groups: GroupsOpt = None,
     target: TargetOpt = None,
     features: FeaturesOpt = None,
+    score: ScoreOpt = None,
     max_ks: Annotated[Optional[float], typer.Option("--max-ks", help="Fail above this KS distance.")] = None,
     max_mean_gap: Annotated[Optional[float], typer.Option("--max-mean-gap", help="Fail above this mean "
                                                                                  "gap.")] = None,
@@ -348,7 +356,7 @@ def check(
         progress = Progress(quiet=quiet)
         try:
             result = run_check(model, data, group=group, groups=_split(groups), target=target,
-                               features=_split(features), max_ks=max_ks, max_mean_gap=max_mean_gap,
+                               features=_split(features), score=score, max_ks=max_ks, max_mean_gap=max_mean_gap,
                                max_mse=max_mse, max_mae=max_mae, batch_size=batch_size, progress=progress)
         finally:
             progress.close()

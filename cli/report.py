@@ -35,9 +35,17 @@ def change(before: float | None, after: float | None) -> str:
 
 
 def layers_table(found: Any) -> str:
+    outputs = {o for lay in found.layers for o in lay.feeds}
     rows = [(lay.index, lay.name, lay.op, lay.weight, f"[{lay.in_features} -> {lay.out_features}]",
              lay.dtype.name, lay.input, "final" if lay.is_final else "") for lay in found.layers]
-    text = table(["#", "node", "op", "weight", "shape", "dtype", "input", "role"], rows, right=(0,))
+    headers = ["#", "node", "op", "weight", "shape", "dtype", "input", "role"]
+    if len(outputs) > 1:  # several outputs: say which each node feeds
+        headers.append("feeds")
+        rows = [(*row, ", ".join(lay.feeds)) for row, lay in zip(rows, found.layers)]
+    text = table(headers, rows, right=(0,))
+    if len(outputs) > 1:
+        text += ("\n\nscored output: " + (f"'{found.score_tensor}'" if found.score_tensor else
+                                           "not chosen (pass --score NAME to mark its final node)"))
     if found.refused:
         text += "\n\nnot repairable:\n" + "\n".join(f"  {reason}" for reason in found.refused.values())
     return text
@@ -49,6 +57,7 @@ def repair_report(res: Any, model_path: str, output: str | None) -> str:
     g0, g1 = res.groups
     lines = [
         f"layer     {lay.index} '{lay.name}' ({lay.op}, {lay.in_features} -> {lay.out_features}) of {model_path}",
+        f"score     {res.score_text}" if res.score is not None else "",
         f"groups    {g0!r} (group 0) vs {g1!r} (group 1) in column '{res.data.group}'",
         f"rows      {res.rows.total} read, {res.rows.skipped} of other groups skipped, {res.rows.fit} used to fit",
         f"esvd      c2={_g(res.options.c2)} (second moment), c1={_g(res.options.c1)} (first moment), "
@@ -63,6 +72,10 @@ def repair_report(res: Any, model_path: str, output: str | None) -> str:
         lines.append(f"measured on {b.rows} holdout rows the fit did not use (--holdout {_g(res.options.holdout)})")
     else:
         lines.append(f"measured on the {b.rows} rows the fit used (--holdout 0): expect the held-out gap to be larger")
+    for o in res.others:
+        lines.append(f"output    '{o.name}' ({'final node refitted to its original values' if o.how == 'distilled' else 'computed from the scored output'}): "
+                     f"relative RMS change {num(o.relative)}, largest change {num(o.max_abs)}")
+    lines = [line for line in lines if line]
     lines.append("")
     rows = [("KS", num(b.ks), num(a.ks), change(b.ks, a.ks)),
             ("mean gap", num(b.mean_gap), num(a.mean_gap), change(b.mean_gap, a.mean_gap))]
@@ -76,12 +89,33 @@ def repair_report(res: Any, model_path: str, output: str | None) -> str:
         if gb.mse is not None:
             rows.append((f"MSE {gb.label}", num(gb.mse), num(ga.mse), change(gb.mse, ga.mse)))
     lines.append(table(["metric", "before", "after", "change"], rows, right=(1, 2, 3)))
+    lines.append(ks_noise_line(b))
     for note in res.warnings:
         lines.append(f"warning: {note}")
     if output:
         lines.append("")
         lines.append(f"wrote {output}")
     return "\n".join(lines)
+
+
+#: Below this many report rows a group's KS is not estimable (its sampling noise swamps the gap).
+MIN_ESTIMABLE_ROWS = 30
+
+
+def ks_noise_line(m: Any) -> str:
+    """The KS's 95% critical value for the groups' sizes, and which groups are too small to estimate it."""
+    counts = [g.count for g in m.groups]
+    if len(counts) < 2 or min(counts) == 0:
+        return ""
+    pair = sorted(counts)[:2]
+    crit = 1.36 * (1.0 / pair[0] + 1.0 / pair[1]) ** 0.5
+    small = [g.label for g in m.groups if g.count < MIN_ESTIMABLE_ROWS]
+    text = (f"KS critical value {crit:.4f} (95%, 1.36·sqrt(1/n0 + 1/n1)): a KS below it is within the noise of "
+            f"groups this size")
+    if small:
+        text += (f"; not estimable: group{'s' if len(small) > 1 else ''} {', '.join(repr(s) for s in small)} "
+                 f"{'have' if len(small) > 1 else 'has'} fewer than {MIN_ESTIMABLE_ROWS} rows")
+    return text
 
 
 def _g(v: float) -> str:
@@ -112,11 +146,13 @@ def audit_report(res: Any) -> str:
     """The output metrics and the per-layer explainable-SVD view, ranked."""
     m = res.metrics
     lines = [f"model     {res.model}",
+             f"score     {res.score}",
              f"data      {res.data}: {res.rows} rows, {res.skipped} of other groups skipped; "
              f"{res.groups[0]!r} (group 0) vs {res.groups[1]!r} (group 1)",
              "",
              "output: " + ", ".join(f"{k} {v}" for k, v in _metric_rows(m)),
              groups_table(m),
+             ks_noise_line(m),
              ""]
     if not res.layers:
         lines.append("no repairable linear node (Gemm or MatMul with a constant 2-D weight)")
@@ -151,10 +187,13 @@ def check_report(res: Any) -> str:
     """Each metric, its value, its threshold and PASS/FAIL, then the verdict."""
     mz = res.measured
     lines = [f"check     {res.model} on {res.data}: {mz.rows} rows ({mz.skipped} of other groups skipped), "
-             f"{mz.groups[0]!r} vs {mz.groups[1]!r}"]
+             f"{mz.groups[0]!r} vs {mz.groups[1]!r}; score {mz.score}"]
     rows = [(t.metric, num(t.value), f"<= {t.threshold:g}", "PASS" if t.passed else "FAIL")
             for t in res.thresholds]
     lines.append(table(["metric", "value", "threshold", "result"], rows, right=(1,)))
+    noise = ks_noise_line(mz.metrics)
+    if noise:
+        lines.append(noise)
     failed = [t for t in res.thresholds if not t.passed]
     if failed:
         lines.append(f"FAIL: {len(failed)} of {len(res.thresholds)} thresholds exceeded "

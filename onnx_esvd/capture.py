@@ -19,6 +19,7 @@ from .errors import DataError, LayerError, ModelError, OptionError
 from .graph import LinearLayer, model_inputs, with_outputs
 from .metrics import OutputCollector, OutputMetrics
 from .runtime import Runner, pipelined
+from .score import Score
 from .stats import LayerStats, Moments
 
 Progress = Callable[[str, int], None]
@@ -32,6 +33,7 @@ class DataSpec:
     groups: tuple[str, str] | None = None
     target: str | None = None
     features: tuple[str, ...] | None = None
+    score: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,13 +41,14 @@ class DataSpec:
 
 
 def data_spec(group: str, groups: Sequence[str] | None, target: str | None,
-              features: Sequence[str] | None) -> DataSpec:
+              features: Sequence[str] | None, score: str | None = None) -> DataSpec:
     """Validate the column options shared by every command."""
     if groups is not None:
         groups = tuple(str(g) for g in groups)
         if len(groups) != 2 or _label_text(groups[0]) == _label_text(groups[1]):
             raise OptionError(f"--groups {','.join(groups)} is invalid; give two different values, e.g. --groups A,B")
-    return DataSpec(group=group, groups=groups, target=target, features=tuple(features) if features else None)
+    return DataSpec(group=group, groups=groups, target=target, features=tuple(features) if features else None,
+                    score=score)
 
 
 def positive_batch(batch_size: int) -> int:
@@ -290,6 +293,7 @@ class Capture:
 
     moments: dict[int, list[Moments]]  # layer index -> moments per label code
     report: OutputCollector = field(default_factory=OutputCollector)
+    width: int | None = None  # values per row of the scored tensor, as the model produced them
 
 
 def report_mask(rows: Rows, holdout: float) -> np.ndarray:
@@ -297,14 +301,28 @@ def report_mask(rows: Rows, holdout: float) -> np.ndarray:
     return rows.u < holdout if holdout > 0 else np.ones(len(rows.code), dtype=bool)
 
 
+def layer_rows(x: np.ndarray, n: int, layer: LinearLayer) -> np.ndarray:
+    """A linear node's input as `[n, d]`: `[n, d]` as it is, `[n, 1, ..., 1, d]` reshaped; anything else refused."""
+    d = layer.in_features
+    if x.shape == (n, d):
+        return x
+    if x.ndim > 2 and x.shape[0] == n and x.shape[-1] == d and all(s == 1 for s in x.shape[1:-1]):
+        return x.reshape(n, d)
+    raise LayerError(f"node '{layer.name}' receives '{layer.input}' with shape {list(x.shape)} for {n} rows; only "
+                     f"inputs of shape [rows, {d}] (or [rows, 1, {d}]) can be repaired")
+
+
+def score_runner(model: onnx.ModelProto, score: Score, tensors: Sequence[tuple[str, int]] = ()) -> Runner:
+    """A session over `model` that fetches `tensors` (name, element type) and the scored tensor."""
+    wanted = [*tensors, (score.tensor, score.elem_type)]
+    return Runner(with_outputs(model, wanted), list(dict.fromkeys(name for name, _ in wanted)))
+
+
 def capture(model: onnx.ModelProto, layers: Sequence[LinearLayer], reader: RowReader, holdout: float,
-             progress: Progress) -> Capture:
+            progress: Progress, score: Score) -> Capture:
     """Pass 1 over the original model: every given layer's input on the fit rows (reduced per batch into
-    float64 moments, O(sum d^2) memory) and the model output on the report rows."""
-    out_name = model.graph.output[0].name
-    tensors = list(dict.fromkeys(layer.input for layer in layers))
-    elem = {layer.input: layer.elem_type for layer in layers}
-    runner = Runner(with_outputs(model, [(t, elem[t]) for t in tensors]), [*tensors, out_name])
+    float64 moments, O(sum d^2) memory) and the scored output on the report rows."""
+    runner = score_runner(model, score, [(layer.input, layer.elem_type) for layer in layers])
     cap = Capture(moments={layer.index: [] for layer in layers})
     done = 0
     for rows, out in pipelined(reader(first_pass=True), lambda r: runner.run(r.feeds)):
@@ -314,18 +332,17 @@ def capture(model: onnx.ModelProto, layers: Sequence[LinearLayer], reader: RowRe
         masks = [(int(c), fit & (rows.code == c)) for c in np.unique(rows.code[fit])]
         for layer in layers:
             d = layer.in_features
-            x = np.asarray(out[layer.input])
-            if x.shape != (n, d):
-                raise LayerError(f"node '{layer.name}' receives '{layer.input}' with shape {list(x.shape)}; only "
-                                 f"inputs of shape [rows, {d}] can be repaired")
+            x = layer_rows(np.asarray(out[layer.input]), n, layer)
             moments = cap.moments[layer.index]
             while len(moments) < max(2, len(reader.labels)):
                 moments.append(Moments(d))
             for c, mask in masks:
                 moments[c].add(x[mask])
         report = report_mask(rows, holdout)
+        if cap.width is None:
+            cap.width = int(np.asarray(out[score.tensor]).reshape(n, -1).shape[1]) if n else None
         if report.any():
-            cap.report.add(as_rows(out[out_name], n, f"model output '{out_name}'")[report], rows.code[report],
+            cap.report.add(score.take(out[score.tensor], n)[report], rows.code[report],
                            None if rows.target is None else rows.target[report])
         done += n
         progress("capture", done)
@@ -355,20 +372,74 @@ def group_stats(cap: Capture, layer: LinearLayer, reader: RowReader, notes: list
     return LayerStats.from_moments(merged[0], merged[1])
 
 
-def report_outputs(model: onnx.ModelProto, reader: RowReader, holdout: float,
-                   progress: Progress) -> OutputCollector:
-    """Pass 3: the model's output on the report rows, collected for the metrics."""
-    out_name = model.graph.output[0].name
+def report_outputs(model: onnx.ModelProto, reader: RowReader, holdout: float, progress: Progress,
+                   score: Score) -> OutputCollector:
+    """Pass 3: the model's scored output on the report rows, collected for the metrics."""
     collector = OutputCollector()
-    runner = Runner(model, [out_name])
+    runner = score_runner(model, score)
     done = 0
     for rows, out in pipelined(reader(select="report", holdout=holdout), lambda r: runner.run(r.feeds)):
         n = len(rows.code)
-        collector.add(as_rows(out[out_name], n, f"model output '{out_name}'"), rows.code, rows.target)
+        collector.add(score.take(out[score.tensor], n), rows.code, rows.target)
         done += n
         progress("report", done)
     runner.close()
     return collector
+
+
+@dataclass(frozen=True)
+class OutputDrift:
+    """How far another graph output moved between the original and the repaired model on the report rows.
+
+    Attributes:
+        name: the output.
+        relative: RMS of (new - old) over the RMS spread of the old values (0: unchanged).
+        max_abs: largest absolute change of any value.
+        how: "distilled" or "derived" (see score.OtherOutput).
+    """
+
+    name: str
+    relative: float
+    max_abs: float
+    how: str = ""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "how": self.how, "relative_rms_change": self.relative, "max_abs_change": self.max_abs}
+
+
+def output_drift(original: onnx.ModelProto, patched: onnx.ModelProto, reader: RowReader, holdout: float,
+                 names: Sequence[str], progress: Progress) -> list[OutputDrift]:
+    """Run both models on the report rows and measure how far each named output moved (nothing stored per row)."""
+    if not names:
+        return []
+    before, after = Runner(original, list(names)), Runner(patched, list(names))
+    sums = {name: np.zeros(5) for name in names}  # n, sum d^2, sum old, sum old^2, max |d|
+    done = 0
+    for rows, (old, new) in pipelined(reader(select="report", holdout=holdout),
+                                      lambda r: (before.run(r.feeds), after.run(r.feeds))):
+        for name in names:
+            try:
+                o = np.asarray(old[name], dtype=np.float64).ravel()
+                d = np.asarray(new[name], dtype=np.float64).ravel() - o
+            except (TypeError, ValueError):  # not a tensor (a ZipMap's maps): measured through its input
+                continue
+            acc = sums[name]
+            acc[0] += o.size
+            acc[1] += float(d @ d)
+            acc[2] += float(o.sum())
+            acc[3] += float(o @ o)
+            acc[4] = max(acc[4], float(np.max(np.abs(d)))) if d.size else acc[4]
+        done += len(rows.code)
+        progress("other outputs", done)
+    before.close()
+    after.close()
+    out = []
+    for name in names:
+        n, sdd, so, soo, mx = sums[name]
+        spread = np.sqrt(max(soo / n - (so / n) ** 2, 0.0)) if n else 0.0
+        rms = np.sqrt(sdd / n) if n else 0.0
+        out.append(OutputDrift(name, float(rms / spread) if spread > 0 else float(rms), float(mx)))
+    return out
 
 
 def capture_metrics(cap: Capture, reader: RowReader, collector: OutputCollector | None = None) -> OutputMetrics:

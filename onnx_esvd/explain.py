@@ -14,6 +14,7 @@ from .esvd import MomentGap, disparity_view
 from .graph import LinearLayer, find_layers, read_weight
 from .metrics import OutputMetrics
 from .modelio import load_model
+from .score import resolve_score
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class LayerAudit:
 class AuditResult:
     """Output metrics and the per-layer views, `layers` in graph order (see `ranked()`)."""
 
+    score: str
     model: str
     data: str
     groups: tuple[str, str]
@@ -62,7 +64,7 @@ class AuditResult:
         return sorted(self.layers, key=lambda a: (a.rank is None, a.rank or 0, a.layer.index))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "data": self.data, "groups": list(self.groups),
+        return {"model": self.model, "data": self.data, "score": self.score, "groups": list(self.groups),
                 "rows": {"total": self.rows, "skipped": self.skipped}, "metrics": self.metrics.to_dict(),
                 "top": self.top, "eps": self.eps,
                 "layers": [a.to_dict() for a in self.layers],
@@ -71,9 +73,10 @@ class AuditResult:
 
 
 def audit(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = None, target: str | None = None,
-          features: Sequence[str] | None = None, eps: float = 1e-5, top: int = 3, batch_size: int = 4096,
-          progress: Any = None) -> AuditResult:
-    """Measure the output metrics and the explainable-SVD view of every repairable layer in one pass.
+          features: Sequence[str] | None = None, score: str | None = None, eps: float = 1e-5, top: int = 3,
+          batch_size: int = 4096, progress: Any = None) -> AuditResult:
+    """Measure the scored output's metrics and the explainable-SVD view of every repairable layer it depends on,
+    in one pass.
 
     Every row of the two groups is used (no holdout). Memory: O(sum of the layer widths squared).
     """
@@ -81,15 +84,17 @@ def audit(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = N
         raise OptionError(f"--eps {eps} is invalid; it must be a positive number (default 1e-5)")
     if not (isinstance(top, int) and top >= 1):
         raise OptionError(f"--top {top} is invalid; it must be a positive integer")
-    spec = data_spec(group, groups, target, features)
+    spec = data_spec(group, groups, target, features, score)
     loaded = load_model(model)
-    found = find_layers(loaded.model)
+    scored = resolve_score(loaded.model, score)
+    found = find_layers(loaded.model, scored.tensor)
+    layers_in = [layer for layer in found.layers if layer.feeds_score]
     reader = open_rows(loaded.model, data, spec, batch_size=batch_size)
-    cap = capture(loaded.model, found.layers, reader, 0.0, progress or (lambda name, rows: None))
+    cap = capture(loaded.model, layers_in, reader, 0.0, progress or (lambda name, rows: None), scored)
     metrics = capture_metrics(cap, reader)
     notes: list[str] = []
     views = []
-    for layer in found.layers:
+    for layer in layers_in:
         stats = group_stats(cap, layer, reader, notes)
         first, second = disparity_view(read_weight(loaded.model, layer), stats, eps=eps, top=top)
         views.append((layer, first, second, first.relative + second.relative))
@@ -100,6 +105,7 @@ def audit(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = N
     rank = {i: r + 1 for r, i in enumerate(order)}
     layers = tuple(LayerAudit(layer, first, second, score, rank.get(i))
                    for i, (layer, first, second, score) in enumerate(views))
-    return AuditResult(model=source_name(model), data=source_name(data), groups=reader.group_labels(),
+    return AuditResult(score=scored.describe(cap.width), model=source_name(model), data=source_name(data),
+                       groups=reader.group_labels(),
                        rows=reader.total, skipped=reader.skipped, metrics=metrics, layers=layers,
                        refused=dict(found.refused), top=top, eps=float(eps), warnings=tuple(dict.fromkeys(notes)))

@@ -15,6 +15,7 @@ from .capture import (Progress, capture, capture_metrics, check_groups_present, 
 from .errors import OptionError
 from .metrics import OutputMetrics
 from .modelio import load_model
+from .score import resolve_score
 
 #: Metrics a threshold can be set on, in report order (the keys `repair --json` uses too).
 METRICS = ("ks", "mean_gap", "mse", "mae")
@@ -44,6 +45,7 @@ class Measured:
     groups: tuple[str, str]
     rows: int
     skipped: int
+    score: str = ""
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ class CheckResult:
         return self.measured.metrics
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "data": self.data, "passed": self.passed, "groups": list(self.measured.groups),
+        return {"model": self.model, "data": self.data, "score": self.measured.score, "passed": self.passed,
+                "groups": list(self.measured.groups),
                 "rows": {"total": self.measured.rows, "skipped": self.measured.skipped},
                 "metrics": self.metrics.to_dict(), "thresholds": [t.to_dict() for t in self.thresholds]}
 
@@ -77,7 +80,8 @@ class CheckResult:
                               tests=str(len(self.thresholds)), failures=str(failures), errors="0", skipped="0",
                               time=f"{seconds:.3f}")
         props = ET.SubElement(suite, "properties")
-        for key, value in (("model", self.model), ("data", self.data), ("group_0", self.measured.groups[0]),
+        for key, value in (("model", self.model), ("data", self.data), ("score", self.measured.score),
+                           ("group_0", self.measured.groups[0]),
                            ("group_1", self.measured.groups[1]), ("rows", str(self.measured.rows))):
             ET.SubElement(props, "property", name=key, value=value)
         for t in self.thresholds:
@@ -93,19 +97,21 @@ class CheckResult:
 
 
 def measure(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = None, target: str | None = None,
-            features: Sequence[str] | None = None, batch_size: int = 4096,
+            features: Sequence[str] | None = None, score: str | None = None, batch_size: int = 4096,
             progress: Progress | None = None) -> Measured:
-    """Run the model over every row of the two groups and compute the output metrics."""
-    spec = data_spec(group, groups, target, features)
+    """Run the model over every row of the two groups and compute the scored output's metrics."""
+    spec = data_spec(group, groups, target, features, score)
     loaded = load_model(model)
+    scored = resolve_score(loaded.model, score)
     reader = open_rows(loaded.model, data, spec, batch_size=batch_size)
-    cap = capture(loaded.model, [], reader, 0.0, progress or (lambda name, rows: None))
+    cap = capture(loaded.model, [], reader, 0.0, progress or (lambda name, rows: None), scored)
     check_groups_present(cap, reader)
-    return Measured(capture_metrics(cap, reader), reader.group_labels(), reader.total, reader.skipped)
+    return Measured(capture_metrics(cap, reader), reader.group_labels(), reader.total, reader.skipped,
+                    scored.describe(cap.width))
 
 
 def check(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = None, target: str | None = None,
-          features: Sequence[str] | None = None, max_ks: float | None = None, max_mean_gap: float | None = None,
+          features: Sequence[str] | None = None, score: str | None = None, max_ks: float | None = None, max_mean_gap: float | None = None,
           max_mse: float | None = None, max_mae: float | None = None, batch_size: int = 4096,
           progress: Progress | None = None) -> CheckResult:
     """Measure the model on the data and compare each metric with its threshold (value <= threshold passes).
@@ -121,7 +127,7 @@ def check(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = N
             raise OptionError(f"--max-{key.replace('_', '-')} {value} is invalid; it must be a number >= 0")
         if key in ("mse", "mae") and target is None:
             raise OptionError(f"--max-{key} needs the label column: add --target COL")
-    measured = measure(model, data, group=group, groups=groups, target=target, features=features,
+    measured = measure(model, data, group=group, groups=groups, target=target, features=features, score=score,
                        batch_size=batch_size, progress=progress)
     values = measured.metrics.to_dict()
     results = tuple(ThresholdResult(k, float("nan") if values[k] is None else float(values[k]), float(v))

@@ -7,6 +7,7 @@ Forms: Gemm (any transB, alpha, beta, with or without C); MatMul with a 2-D cons
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -44,7 +45,9 @@ class LinearLayer:
         in_features, out_features: the effective shape [in -> out].
         elem_type: ONNX element type of the weight (and of x).
         alpha, beta, trans_b: Gemm attributes (1, 1, 0 for MatMul).
-        is_final: True for the last repairable node that the first graph output depends on.
+        is_final: True for the last repairable node that the scored output depends on.
+        feeds: names of the graph outputs that depend on this node.
+        feeds_score: True when the scored output depends on this node (only such nodes are repaired).
     """
 
     index: int
@@ -64,6 +67,8 @@ class LinearLayer:
     beta: float
     trans_b: int
     is_final: bool
+    feeds: tuple[str, ...] = ()
+    feeds_score: bool = True
 
     @property
     def dtype(self) -> np.dtype:
@@ -72,7 +77,8 @@ class LinearLayer:
     def to_dict(self) -> dict:
         return {"index": self.index, "name": self.name, "op": self.op, "weight": self.weight,
                 "bias": self.bias, "in_features": self.in_features, "out_features": self.out_features,
-                "dtype": self.dtype.name, "input": self.input, "output": self.output, "final": self.is_final}
+                "dtype": self.dtype.name, "input": self.input, "output": self.output, "final": self.is_final,
+                "feeds": list(self.feeds)}
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ class GraphLayers:
 
     layers: tuple[LinearLayer, ...]
     refused: dict[str, str]
+    score_tensor: str | None = None
 
     @property
     def final(self) -> LinearLayer | None:
@@ -173,18 +180,23 @@ def _subgraph_linear_nodes(graph: onnx.GraphProto) -> dict[str, str]:
     return found
 
 
-def _ancestors(graph: onnx.GraphProto, tensor: str) -> set[int]:
-    """Indices of nodes the tensor depends on."""
+def ancestors(graph: onnx.GraphProto, tensor: str, stop: Iterable[str] = ()) -> set[int]:
+    """Indices of the nodes `tensor` depends on; the walk does not go past the tensors in `stop`."""
     producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    blocked = set(stop)
     seen: set[int] = set()
     stack = [tensor]
     while stack:
-        i = producer.get(stack.pop())
+        name = stack.pop()
+        if name in blocked:
+            continue
+        i = producer.get(name)
         if i is None or i in seen:
             continue
         seen.add(i)
         stack.extend(n for n in graph.node[i].input if n)
     return seen
+
 
 
 def _bias_size_ok(tensor: onnx.TensorProto, out_features: int) -> bool:
@@ -193,8 +205,12 @@ def _bias_size_ok(tensor: onnx.TensorProto, out_features: int) -> bool:
     return size == out_features and (len(dims) <= 1 or all(d == 1 for d in dims[:-1]))
 
 
-def find_layers(model: onnx.ModelProto) -> GraphLayers:
-    """List the repairable linear nodes of the main graph in graph order."""
+def find_layers(model: onnx.ModelProto, score_tensor: str | None = None) -> GraphLayers:
+    """List the repairable linear nodes of the main graph in graph order.
+
+    `score_tensor` is the tensor of the scored output (default: the first graph output); the final node is
+    the last linear node it depends on, and `feeds_score` marks the nodes it depends on.
+    """
     graph = model.graph
     consts = _Constants(graph)
     consumers = _consumers(graph)
@@ -262,46 +278,89 @@ def find_layers(model: onnx.ModelProto) -> GraphLayers:
                         info.update(bias=other, bias_node_index=users[0], output=add.output[0])
         found.append(info)
     final_index = None
-    if graph.output:
-        needed = _ancestors(graph, graph.output[0].name)
-        for j, info in enumerate(found):
-            if info["node_index"] in needed:
-                final_index = j
-    layers = tuple(LinearLayer(index=j, is_final=(j == final_index), **info) for j, info in enumerate(found))
-    return GraphLayers(layers=layers, refused=refused)
+    if score_tensor is None and graph.output:
+        score_tensor = graph.output[0].name
+    needed = ancestors(graph, score_tensor) if score_tensor else set()
+    for j, info in enumerate(found):
+        if info["node_index"] in needed:
+            final_index = j
+    feeds: dict[int, list[str]] = {}
+    for out in graph.output:
+        for i in ancestors(graph, out.name):
+            feeds.setdefault(i, []).append(out.name)
+    layers = tuple(LinearLayer(index=j, is_final=(j == final_index), feeds=tuple(feeds.get(info["node_index"], ())),
+                               feeds_score=info["node_index"] in needed, **info) for j, info in enumerate(found))
+    return GraphLayers(layers=layers, refused=refused, score_tensor=score_tensor)
 
 
-def list_layers(model: "str | os.PathLike | onnx.ModelProto") -> GraphLayers:
-    """The repairable linear nodes of a model file or ModelProto (and the linear nodes refused, with reasons)."""
+def list_layers(model: "str | os.PathLike | onnx.ModelProto", score: str | None = None) -> GraphLayers:
+    """The repairable linear nodes of a model file or ModelProto (and the linear nodes refused, with reasons).
+
+    `score` names the scored output (see `resolve_score`); the final node and `feeds_score` refer to it. With
+    several candidate outputs and no `score`, no node is marked final.
+    """
+    from .errors import OptionError
     from .modelio import load_model
+    from .score import resolve_score
 
-    return find_layers(load_model(model).model)
+    proto = load_model(model).model
+    try:
+        tensor = resolve_score(proto, score).tensor
+    except (OptionError, ModelError):
+        if score is not None:
+            raise
+        tensor = ""
+    return find_layers(proto, tensor)
 
 
 def select_layer(found: GraphLayers, spec: int | str) -> LinearLayer:
-    """Pick a layer by index (negative counts from the end) or by node name."""
+    """Pick a layer by index, by negative index, or by node name.
+
+    Non-negative indices count every linear node of the graph (as `onnx-esvd layers` lists them); negative
+    indices count from the end among the nodes the scored output depends on (-1 is its final node). A node
+    the scored output does not depend on is refused.
+    """
     layers = found.layers
     if not layers:
         detail = f" ({next(iter(found.refused.values()))})" if found.refused else ""
         raise LayerError(f"the model has no repairable linear node (Gemm or MatMul with a constant weight){detail}")
+    scored = [layer for layer in layers if layer.feeds_score]
     if isinstance(spec, str):
         text = spec.strip()
-        try:
+        if re.fullmatch(r"[+-]?[0-9]+", text):
             spec = int(text)
-        except ValueError:
+        else:
             for layer in layers:
                 if layer.name == text:
-                    return layer
+                    return _feeds_score(found, layer)
             if text in found.refused:
                 raise LayerError(found.refused[text]) from None
-            names = ", ".join(layer.name for layer in layers)
+            names = ", ".join(layer.name for layer in scored or layers)
             raise LayerError(f"--layer '{text}' names no repairable node; choose an index 0..{len(layers) - 1} "
                              f"or one of: {names}") from None
-    if not -len(layers) <= spec < len(layers):
+    if spec < 0:
+        if not scored:
+            raise LayerError(f"no repairable linear node feeds the scored output '{found.score_tensor}'")
+        if spec < -len(scored):
+            raise LayerError(f"--layer {spec} is out of range: the scored output depends on {len(scored)} repairable "
+                             f"linear nodes (-{len(scored)}..-1 from the end); run `onnx-esvd layers MODEL` to list "
+                             "them")
+        return scored[spec]
+    if spec >= len(layers):
         raise LayerError(f"--layer {spec} is out of range: the model has {len(layers)} repairable linear nodes "
-                         f"(indices 0..{len(layers) - 1}, or -{len(layers)}..-1 from the end); "
+                         f"(indices 0..{len(layers) - 1}, or -{len(scored)}..-1 from the end); "
                          "run `onnx-esvd layers MODEL` to list them")
-    return layers[spec]
+    return _feeds_score(found, layers[spec])
+
+
+def _feeds_score(found: GraphLayers, layer: LinearLayer) -> LinearLayer:
+    if layer.feeds_score:
+        return layer
+    feeds = ", ".join(f"'{o}'" for o in layer.feeds) or "no output"
+    usable = ", ".join(str(x.index) for x in found.layers if x.feeds_score)
+    raise LayerError(f"--layer {layer.index} ('{layer.name}') does not feed the scored output "
+                     f"'{found.score_tensor}' (it feeds {feeds}); choose one of the layers {usable} or another "
+                     "--score")
 
 
 def _tensor_array(model: onnx.ModelProto, name: str) -> np.ndarray:
@@ -406,12 +465,13 @@ def write_bias(model: onnx.ModelProto, layer: LinearLayer, bias: np.ndarray) -> 
         _write_constant(model, layer.bias_node_index, slot, stored)
 
 
-def output_path_is_value_preserving(model: onnx.ModelProto, layer: LinearLayer) -> bool:
-    """True when the layer's output reaches the first graph output through shape-only ops alone."""
+def output_path_is_value_preserving(model: onnx.ModelProto, layer: LinearLayer, goal: str | None = None) -> bool:
+    """True when the layer's output reaches `goal` (default: the first graph output) through shape-only ops alone."""
     graph = model.graph
-    if not graph.output:
-        return False
-    goal = graph.output[0].name
+    if goal is None:
+        if not graph.output:
+            return False
+        goal = graph.output[0].name
     consumers = _consumers(graph)
     tensor = layer.output
     for _ in range(len(graph.node) + 1):

@@ -10,6 +10,7 @@ Passes over the data (each streamed in batches):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -24,12 +25,13 @@ from .errors import DataError, LayerError, ModelError, OptionError
 from .esvd import EsvdResult, esvd
 from .graph import (LinearLayer, find_layers, output_path_is_value_preserving,
                     read_weight, select_layer, with_outputs, write_bias, write_weight)
-from .capture import (DataSpec, Progress, RowReader, Rows, as_rows, capture, capture_metrics, data_spec,
-                      group_stats, open_rows, report_outputs)
+from .capture import (DataSpec, OutputDrift, Progress, RowReader, Rows, as_rows, capture, capture_metrics,
+                      data_spec, group_stats, open_rows, output_drift, report_outputs)
 from .data import Table, open_table
 from .metrics import OutputMetrics
 from .modelio import LoadedModel, check_output_path, load_model, save_model
 from .runtime import Runner, pipelined
+from .score import OtherOutput, Score, other_outputs, resolve_score
 from .stats import LayerStats
 
 METADATA_KEY = "onnx_esvd.repair"
@@ -112,11 +114,15 @@ class RepairResult:
     external_data: bool = False
     warnings: tuple[str, ...] = field(default_factory=tuple)
     values: tuple = field(default=(), repr=False)  # ((g0, g1) before, (g0, g1) after): report outputs, for plots
+    score: Score | None = None
+    others: tuple[OutputDrift, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the model, as plain JSON-ready values."""
         return {
             "tool_version": __version__,
+            "score": None if self.score is None else {**self.score.to_dict(), "described": self.score_text},
+            "other_outputs": [o.to_dict() for o in self.others],
             "layer": self.layer.to_dict(),
             "final_layer": None if self.final is None else self.final.to_dict(),
             "groups": list(self.groups),
@@ -138,6 +144,15 @@ class RepairResult:
             "refit_note": self.refit_note,
             "warnings": list(self.warnings),
         }
+
+    @property
+    def score_text(self) -> str:
+        """The scored output as the report names it (`'y'`, `'probabilities' column 1 (the positive class) of 2`)."""
+        return "" if self.score is None else self.score.describe(self.score_width)
+
+    @property
+    def score_width(self) -> int | None:
+        return self.score.width if self.score is not None else None
 
     def save(self, path: str | Path, *, force: bool = False, source: str | Path | None = None) -> Path:
         """Write the repaired model atomically; refuses to overwrite `source` or (without force) anything."""
@@ -165,6 +180,7 @@ def repair(
     groups: Sequence[str] | None = None,
     target: str | None = None,
     features: Sequence[str] | None = None,
+    score: str | None = None,
     c1: float = 15.0,
     c2: float = 150.0,
     eps: float = 1e-5,
@@ -184,6 +200,8 @@ def repair(
         group: the column holding the sensitive attribute; `groups` picks two of its values.
         target: label column (enables MSE/MAE and a label-based refit), or None.
         features: feature columns of a single-input model (default: every other column, in order).
+        score: the output scored and repaired, "NAME" or "NAME:COL" (default: the only float output; column 1
+            of an [N, 2] output).
         c1, c2, eps: ESVD constants (first moment, second moment, ridge of delta delta^T).
         refit: "fair" (ridge least squares with exact output mean parity), "plain", or "none".
         ridge: ridge term of the refit, or "auto" to choose it on a seeded validation part.
@@ -197,7 +215,7 @@ def repair(
     """
     options = RepairOptions(c1=c1, c2=c2, eps=eps, refit=refit, ridge=ridge, holdout=holdout, seed=seed,
                             batch_size=batch_size)
-    spec = data_spec(group, groups, target, features)
+    spec = data_spec(group, groups, target, features, score)
     loaded = load_model(model)
     return _repair(loaded, open_table(data), layer, spec, options, progress or (lambda name, rows: None))
 
@@ -216,6 +234,8 @@ class _Prepared:
     weight: np.ndarray
     before: OutputMetrics
     notes: list[str]
+    score: Score
+    others: list[OtherOutput]
 
     @property
     def original(self) -> onnx.ModelProto:
@@ -223,21 +243,43 @@ class _Prepared:
 
 
 def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: DataSpec, *, holdout: float,
-             batch_size: int, seed: int, progress: Progress) -> _Prepared:
-    """Pass 1: find the layers, read the data, capture the layer's statistics and the report rows."""
+             batch_size: int, seed: int, progress: Progress, refits: Sequence[str] = ("fair",)) -> _Prepared:
+    """Pass 1: find the scored output and the layers, read the data, capture the layer's statistics and the
+    report rows. Everything that can be refused from the model alone is refused before any data is read."""
     original = loaded.model
-    found = find_layers(original)
+    score = resolve_score(original, spec.score)
+    found = find_layers(original, score.tensor)
     layer = select_layer(found, layer_spec)
-    if not original.graph.output:
-        raise ModelError("the model has no outputs")
+    final = found.final
+    for mode in refits:
+        _check_refit(mode, layer, final, found)
+    others = other_outputs(original, found, layer, final, score)
     reader = open_rows(original, table, spec, batch_size=batch_size, seed=seed)
     notes: list[str] = []
-    cap = capture(original, [layer], reader, holdout, progress)
+    if any(p.key == METADATA_KEY for p in original.metadata_props):
+        notes.append("the input model already carries an onnx_esvd.repair record: this repairs a repaired model "
+                     "(the new record replaces the old one)")
+    cap = capture(original, [layer], reader, holdout, progress, score)
     stats = group_stats(cap, layer, reader, notes)
     if not cap.report.rows:
         raise DataError(f"{table.name}: no rows were left for the report; lower --holdout or add rows")
-    return _Prepared(loaded, layer, found.final, spec, reader, cap, stats, read_weight(original, layer),
-                     capture_metrics(cap, reader), notes)
+    return _Prepared(loaded, layer, final, spec, reader, cap, stats, read_weight(original, layer),
+                     capture_metrics(cap, reader), notes, score, others)
+
+
+def _check_refit(mode: str, layer: LinearLayer, final: LinearLayer | None, found: Any) -> None:
+    """Refuse a repair that cannot change the scored distribution or whose refit is impossible."""
+    scored = [x for x in found.layers if x.feeds_score]
+    earlier = scored[-2].index if len(scored) >= 2 else None
+    hint = (f"choose an earlier layer, e.g. --layer {earlier} (the second-last; `onnx-esvd audit` ranks them)"
+            if earlier is not None else "the model has no earlier linear node to repair")
+    if final is not None and layer.index == final.index:
+        if layer.out_features == 1:
+            raise LayerError(f"--layer {layer.index} ('{layer.name}') is the final node with a single output: the "
+                             f"repair could only rescale it, which leaves the KS unchanged; {hint}")
+        if mode != "none":
+            raise LayerError(f"--layer {layer.index} ('{layer.name}') is the final node, so nothing downstream can be "
+                             f"refitted; {hint}, or pass --refit none")
 
 
 def _refit_note(refit: str, prep: _Prepared) -> str:
@@ -246,8 +288,6 @@ def _refit_note(refit: str, prep: _Prepared) -> str:
         return "skipped: --refit none"
     if prep.final is None:
         return "skipped: no final linear node feeds the model output"
-    if prep.final.index == prep.layer.index:
-        return "skipped: the repaired node is the final node, so there is nothing downstream to refit"
     return ""
 
 
@@ -261,13 +301,13 @@ def _patched(prep: _Prepared, weight: np.ndarray) -> onnx.ModelProto:
 def _repair(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: DataSpec, options: RepairOptions,
             progress: Progress) -> RepairResult:
     prep = _prepare(loaded, table, layer_spec, spec, holdout=options.holdout, batch_size=options.batch_size,
-                    seed=options.seed, progress=progress)
+                    seed=options.seed, progress=progress, refits=(options.refit,))
     result = esvd(prep.weight, prep.stats, c1=options.c1, c2=options.c2, eps=options.eps)
     patched = _patched(prep, result.weight)
     refit_report, refit_note = None, _refit_note(options.refit, prep)
-    if not refit_note:
-        acc, kind = _collect_refit(prep, patched, options.holdout, progress)
-        refit_report = _apply_refit(patched, prep.final, acc, kind, options.refit, options.ridge)
+    collected = _collect_refit(prep, patched, options.holdout, progress, scored=not refit_note)
+    if collected is not None:
+        refit_report = _apply_refit(patched, prep, collected, options.refit, options.ridge)
     return _finish(prep, patched, result, refit_report, refit_note, options, progress)
 
 
@@ -275,15 +315,27 @@ def _finish(prep: _Prepared, patched: onnx.ModelProto, result: EsvdResult, refit
             options: RepairOptions, progress: Progress) -> RepairResult:
     """Pass 3 (the report of the repaired model), the result and its metadata record."""
     reader, h = prep.reader, options.holdout
-    after_values = report_outputs(patched, reader, h, progress)
+    after_values = report_outputs(patched, reader, h, progress, prep.score)
     after = capture_metrics(prep.cap, reader, after_values)
+    drifts = tuple(dataclasses.replace(d, how=o.how) for o, d in zip(
+        prep.others, output_drift(prep.original, patched, reader, h, [o.name for o in prep.others], progress)))
+    notes = list(prep.notes)
+    for o, drift in zip(prep.others, drifts):
+        if o.how == "derived":
+            notes.append(f"output '{o.name}' is computed from the scored output's final node, so it changes with "
+                         f"the repair (relative RMS change {drift.relative:.3g} on the report rows)")
+    if after.ks > prep.before.ks:
+        notes.append(f"the repair made the KS worse on the report rows ({prep.before.ks:.4f} -> {after.ks:.4f}); "
+                     "do not ship this model: try another --layer, --refit or more calibration rows")
     counts = RowCounts(total=reader.total, skipped=reader.skipped, fit=prep.stats.n0 + prep.stats.n1,
                        report=prep.before.rows)
     res = RepairResult(model=patched, layer=prep.layer, final=prep.final, groups=reader.group_labels(),
                        before=prep.before, after=after, report_rows="holdout" if h > 0 else "fit", rows=counts,
                        esvd=result, refit=refit_report, refit_note=refit_note, options=options, data=prep.spec,
-                       external_data=prep.loaded.external_data, warnings=tuple(prep.notes),
-                       values=(_group_values(prep.cap.report, reader), _group_values(after_values, reader)))
+                       external_data=prep.loaded.external_data, warnings=tuple(notes),
+                       values=(_group_values(prep.cap.report, reader), _group_values(after_values, reader)),
+                       score=dataclasses.replace(prep.score, width=prep.cap.width or prep.score.width),
+                       others=drifts)
     _record(patched, res)
     return res
 
@@ -294,47 +346,86 @@ def _group_values(collector: Any, reader: RowReader) -> tuple[np.ndarray, np.nda
     return tuple(collector.values(groups.index(g) if g in groups else g) for g in (0, 1))  # type: ignore[return-value]
 
 
-def _collect_refit(prep: _Prepared, patched: onnx.ModelProto, holdout: float,
-                   progress: Progress) -> tuple[refit_mod.RefitAccumulator, str]:
-    """Pass 2: stream the patched model's final-node inputs (and the target) into refit moments."""
-    original, final, spec, reader = prep.original, prep.final, prep.spec, prep.reader
-    use_label = (spec.target is not None and final.out_features == 1
-                 and output_path_is_value_preserving(original, final))
-    if final.bias is None and _has_unwritable_bias(original, final):
-        raise LayerError(f"final node '{final.name}' has a bias C that the refit cannot rewrite (computed at run "
-                         "time, or one value broadcast to several outputs); use --refit none")
-    p, m = final.in_features, final.out_features
-    acc = refit_mod.RefitAccumulator(p, m)
-    runner = Runner(with_outputs(patched, [(final.input, final.elem_type)]), [final.input])
-    teacher = None if use_label else Runner(with_outputs(original, [(final.output, final.elem_type)]), [final.output])
+@dataclass
+class _RefitData:
+    """What pass 2 collected: refit moments of the scored final node (None when it is not refitted) and of the
+    final nodes of other outputs that are distilled back to their original values."""
+
+    scored: refit_mod.RefitAccumulator | None
+    kind: str
+    distilled: dict[int, refit_mod.RefitAccumulator]
+
+
+def _refit_target_is_label(prep: _Prepared) -> bool:
+    final = prep.final
+    return (prep.spec.target is not None and final.out_features == 1
+            and output_path_is_value_preserving(prep.original, final, prep.score.tensor))
+
+
+def _collect_refit(prep: _Prepared, patched: onnx.ModelProto, holdout: float, progress: Progress, *,
+                   scored: bool = True) -> _RefitData | None:
+    """Pass 2: stream the patched model's final-node inputs (and the targets) into refit moments: the scored
+    final node's (when `scored`) and those of other outputs' final nodes that are distilled."""
+    original, reader = prep.original, prep.reader
+    finals = ([prep.final] if scored else []) + [o.final for o in prep.others if o.how == "distilled"]
+    if not finals:
+        return None
+    use_label = scored and _refit_target_is_label(prep)
+    for final in finals:
+        if final.bias is None and _has_unwritable_bias(original, final):
+            raise LayerError(f"final node '{final.name}' has a bias C that the refit cannot rewrite (computed at run "
+                             "time, or one value broadcast to several outputs); use --refit none")
+    accs = {f.index: refit_mod.RefitAccumulator(f.in_features, f.out_features) for f in finals}
+    runner = Runner(with_outputs(patched, [(f.input, f.elem_type) for f in finals]),
+                    list(dict.fromkeys(f.input for f in finals)))
+    taught = [f for f in finals if not (use_label and f.index == prep.final.index)]
+    teacher = (Runner(with_outputs(original, [(f.output, f.elem_type) for f in taught]),
+                      list(dict.fromkeys(f.output for f in taught))) if taught else None)
     group_of = reader.group_of_code()
     h = holdout
     done = 0
 
-    def run(rows: Rows) -> tuple[np.ndarray, np.ndarray | None]:
-        z = runner.run(rows.feeds)[final.input]
-        return z, None if teacher is None else teacher.run(rows.feeds)[final.output]
+    def run(rows: Rows) -> tuple[dict, dict]:
+        return runner.run(rows.feeds), ({} if teacher is None else teacher.run(rows.feeds))
 
     for rows, (z_out, t_out) in pipelined(reader(select="fit", holdout=h), run):
         n = len(rows.code)
-        z = as_rows(z_out, n, f"input '{final.input}' of the final node")
-        if z.shape[1] != p:
-            raise LayerError(f"final node '{final.name}' receives '{final.input}' with {z.shape[1]} columns per row; "
-                             f"only inputs of shape [rows, {p}] can be refitted (use --refit none)")
-        t = rows.target.reshape(n, 1) if use_label else as_rows(t_out, n, f"output '{final.output}' of the final node")
         in_val = (rows.u - h) / (1.0 - h) < refit_mod.RIDGE_VALIDATION_SHARE
-        acc.add(z, t, group_of[rows.code] == 1, in_val)
+        in_group1 = group_of[rows.code] == 1
+        for f in finals:
+            z = as_rows(z_out[f.input], n, f"input '{f.input}' of the final node")
+            if z.shape[1] != f.in_features:
+                raise LayerError(f"final node '{f.name}' receives '{f.input}' with {z.shape[1]} columns per row; "
+                                 f"only inputs of shape [rows, {f.in_features}] can be refitted (use --refit none)")
+            if f in taught:
+                t = as_rows(t_out[f.output], n, f"output '{f.output}' of node '{f.name}'")
+            else:
+                t = rows.target.reshape(n, 1)
+            accs[f.index].add(z, t, in_group1, in_val)
         done += n
         progress("refit", done)
     runner.close()
     if teacher is not None:
         teacher.close()
-    return acc, "label" if use_label else "distillation"
+    return _RefitData(accs[prep.final.index] if scored else None, "label" if use_label else "distillation",
+                      {f.index: accs[f.index] for f in finals if not (scored and f.index == prep.final.index)})
 
 
-def _apply_refit(patched: onnx.ModelProto, final: LinearLayer, acc: refit_mod.RefitAccumulator, kind: str,
-                 mode: str, ridge: Any) -> refit_mod.RefitReport:
-    """Solve the refit from the collected moments and write the final node into `patched`."""
+def _apply_refit(patched: onnx.ModelProto, prep: _Prepared, data: _RefitData, mode: str,
+                 ridge: Any) -> refit_mod.RefitReport | None:
+    """Solve the refits from the collected moments and write them into `patched`: the scored final node in
+    `mode` (fair, plain), the distilled nodes of other outputs by plain least squares on their original values."""
+    report = None
+    if data.scored is not None and mode != "none":
+        report = _write_refit(patched, prep.final, data.scored, mode, ridge, data.kind)
+    by_index = {o.final.index: o.final for o in prep.others if o.how == "distilled"}
+    for index, acc in data.distilled.items():
+        _write_refit(patched, by_index[index], acc, "plain", ridge, "distillation")
+    return report
+
+
+def _write_refit(patched: onnx.ModelProto, final: LinearLayer, acc: refit_mod.RefitAccumulator, mode: str,
+                 ridge: Any, kind: str) -> refit_mod.RefitReport:
     sol, report = refit_mod.fit(acc, mode=mode, ridge=ridge, fit_intercept=final.bias is not None, target_kind=kind)
     write_weight(patched, final, sol.coef)
     if sol.intercept is not None:

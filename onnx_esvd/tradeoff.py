@@ -83,8 +83,9 @@ def _grid(values: Sequence[float] | None, default: Sequence[float], name: str) -
 
 
 def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequence[str] | None = None,
-          target: str | None = None, features: Sequence[str] | None = None, c1: Sequence[float] | None = None,
-          c2: Sequence[float] | None = None, refit: Sequence[str] | None = None, eps: float = 1e-5,
+          target: str | None = None, features: Sequence[str] | None = None, score: str | None = None,
+          c1: Sequence[float] | None = None, c2: Sequence[float] | None = None, refit: Sequence[str] | None = None,
+          eps: float = 1e-5,
           ridge: float | Literal["auto"] = "auto", holdout: float = 0.2, seed: int = 0, batch_size: int = 4096,
           progress: Any = None) -> SweepResult:
     """Fit every (c1, c2, refit) combination on the fit rows and measure each on the holdout rows."""
@@ -93,24 +94,28 @@ def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequen
     for mode in modes:
         RepairOptions(refit=mode)  # validates the name
     options = RepairOptions(eps=eps, ridge=ridge, holdout=holdout, seed=seed, batch_size=batch_size)
-    spec = data_spec(group, groups, target, features)
+    spec = data_spec(group, groups, target, features, score)
     progress = progress or (lambda name, rows: None)
     prep = _prepare(load_model(model), open_table(data), layer, spec, holdout=holdout, batch_size=batch_size,
-                    seed=seed, progress=progress)
+                    seed=seed, progress=progress, refits=modes)
     points: list[tuple[float, float, str, OutputMetrics]] = []
     for a in c1s:
         for b in c2s:
             patched = _patched(prep, esvd(prep.weight, prep.stats, c1=a, c2=b, eps=options.eps).weight)
-            acc = kind = None
+            collected = None
             for mode in modes:
                 model_m = patched
-                if not _refit_note(mode, prep):
-                    if acc is None:  # one refit pass per patched layer, shared by the refit modes
-                        acc, kind = _collect_refit(prep, patched, holdout, progress)
+                needs = not _refit_note(mode, prep) or prep.others
+                if needs:
+                    if collected is None:  # one refit pass per patched layer, shared by the refit modes
+                        collected = _collect_refit(prep, patched, holdout, progress,
+                                                   scored=any(not _refit_note(m, prep) for m in modes))
                     model_m = patched.__class__()
                     model_m.CopyFrom(patched)
-                    _apply_refit(model_m, prep.final, acc, kind, mode, options.ridge)
-                after = capture_metrics(prep.cap, prep.reader, report_outputs(model_m, prep.reader, holdout, progress))
+                    if collected is not None:
+                        _apply_refit(model_m, prep, collected, mode, options.ridge)
+                after = capture_metrics(prep.cap, prep.reader,
+                                        report_outputs(model_m, prep.reader, holdout, progress, prep.score))
                 points.append((a, b, mode, after))
     flags = pareto_flags([(m.ks, _cost(m)) for *_rest, m in points])
     return SweepResult(layer=prep.layer, groups=prep.reader.group_labels(), before=prep.before,
@@ -174,7 +179,7 @@ def repair_within_budget(model: Any, data: Any, *, layer: int | str, group: str,
         return BudgetResult(None, None, None, closest, budget, result)
     winner = feasible[0]
     runner_up = feasible[1] if len(feasible) > 1 else None
-    options = {k: v for k, v in kwargs.items() if k in ("groups", "features", "eps", "ridge", "holdout", "seed",
+    options = {k: v for k, v in kwargs.items() if k in ("groups", "features", "score", "eps", "ridge", "holdout", "seed",
                                                         "batch_size", "progress")}
     chosen = repair(model, data, layer=winner.layer, group=group, target=target, c1=winner.c1, c2=winner.c2,
                     refit=winner.refit, **options)
@@ -187,13 +192,14 @@ AUTO_CANDIDATES = 2
 
 
 def auto_layers(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = None,
-                target: str | None = None, features: Sequence[str] | None = None, eps: float = 1e-5,
+                target: str | None = None, features: Sequence[str] | None = None, score: str | None = None,
+                eps: float = 1e-5,
                 batch_size: int = 4096, progress: Any = None, **_ignored: Any) -> list[int]:
     """The layers `--layer auto` tries: audit's top-ranked ones and the second-last linear node (the paper's
     choice), in that order, without repeats."""
     from .explain import audit
 
-    report = audit(model, data, group=group, groups=groups, target=target, features=features, eps=eps,
+    report = audit(model, data, group=group, groups=groups, target=target, features=features, score=score, eps=eps,
                    batch_size=batch_size, progress=progress)
     ranked = [a.layer.index for a in report.ranked() if a.rank is not None][:AUTO_CANDIDATES]
     if len(report.layers) >= 2:
@@ -207,7 +213,7 @@ def auto_layers(model: Any, data: Any, *, group: str, groups: Sequence[str] | No
 def repair_auto(model: Any, data: Any, *, group: str, **kwargs: Any) -> RepairResult:
     """`repair` with `--layer auto`: repair each candidate layer with the given options and keep the one with
     the lowest holdout KS (ties: lower MSE)."""
-    keys = ("groups", "target", "features", "eps", "batch_size", "progress")
+    keys = ("groups", "target", "features", "score", "eps", "batch_size", "progress")
     candidates = auto_layers(model, data, group=group, **{k: v for k, v in kwargs.items() if k in keys})
     results = [repair(model, data, layer=lay, group=group, **kwargs) for lay in candidates]
     return min(results, key=lambda r: (r.after.ks, r.after.mse if r.after.mse is not None else 0.0))

@@ -485,15 +485,12 @@ def test_refit_none_leaves_the_final_node_alone():
 
 
 @pytest.mark.parametrize("name", ["gemm_transb0_alpha.onnx", "matmul_bias_first.onnx", "float16_weights.onnx"])
-def test_repairing_the_final_node_skips_the_refit(name):
-    original = load(name)
-    res = run_case(name, layer=-1, refit="fair")
-    assert res.layer.is_final and res.refit is None
-    assert "final" in res.refit_note
-    changed = assert_only_changed(original, res.model, {res.layer.weight})
-    assert changed == {res.layer.weight}
-    assert json.loads({p.key: p.value for p in res.model.metadata_props}[METADATA_KEY])["refit_note"] == \
-        res.refit_note
+def test_repairing_a_single_output_final_node_is_refused(name):
+    # Issue 10: `--layer -1` on a one-output final node wrote a model with 65x the MSE and an unchanged KS.
+    with pytest.raises(LayerError, match=r"final node with a single output.*--layer \d+ \(the second-last"):
+        run_case(name, layer=-1, refit="fair")
+    with pytest.raises(LayerError, match="final node with a single output"):
+        run_case(name, layer=-1, refit="none")
 
 
 def test_plain_and_fair_differ():
