@@ -34,6 +34,12 @@ class DataSpec:
     target: str | None = None
     features: tuple[str, ...] | None = None
     score: str | None = None
+    dropna: bool = False
+
+    @property
+    def group_columns(self) -> tuple[str, ...]:
+        """The column(s) whose values make the groups (several: intersectional groups)."""
+        return (self.group,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,73 +94,137 @@ def row_uniform_at(seed: int, index: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class InputPlan:
+    """How one model input is fed: its columns (in feature order), element type and per-row shape.
+
+    Attributes:
+        name: the model input.
+        columns: the data columns, in the order the input's values are laid out (C order of `shape`).
+        dtype: numpy dtype of the input (float, integer, bool or str).
+        shape: the per-row shape, e.g. () for `[N]`, (5,) for `[N, 5]`, (1, 5) for `[N, 1, 5]`.
+        by_position: True when the columns were taken in file order because no column names matched.
+    """
+
     name: str
     columns: tuple[str, ...]
     dtype: np.dtype
-    rank: int
+    shape: tuple[int, ...]
+    by_position: bool = False
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape) + 1
+
+    @property
+    def is_text(self) -> bool:
+        return self.dtype.kind in "USO"
+
+
+def _input_shape(inp: onnx.ValueInfoProto) -> tuple[tuple[int, ...], np.dtype]:
+    """Per-row shape and dtype of a model input `[N, ...]`; refuses what cannot be fed from columns."""
+    if not inp.type.HasField("tensor_type"):
+        raise ModelError(f"model input '{inp.name}' is not a tensor ({inp.type.WhichOneof('value')}); only tensor "
+                         "inputs can be fed from data columns")
+    tt = inp.type.tensor_type
+    try:
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+    except Exception:  # noqa: BLE001 - unknown or undefined element type
+        raise ModelError(f"model input '{inp.name}' has element type {tt.elem_type}, which cannot be fed from data "
+                         "columns") from None
+    if dtype.kind not in "biufUSO":
+        raise ModelError(f"model input '{inp.name}' has element type {dtype}, which cannot be fed from data columns")
+    if dtype.kind == "O":
+        dtype = np.dtype(object)
+    if not tt.HasField("shape"):
+        raise ModelError(f"model input '{inp.name}' has no declared shape; export the model with the input shape "
+                         "[rows, features]")
+    dims = list(tt.shape.dim)
+    if not dims:
+        raise ModelError(f"model input '{inp.name}' is a scalar; only inputs with a row dimension first "
+                         "([rows], [rows, features], [rows, 1, features]) can be fed from data columns")
+    rest = []
+    for d in dims[1:]:
+        if not d.HasField("dim_value") or d.dim_value <= 0:
+            shown = [x.dim_param or (x.dim_value if x.HasField("dim_value") else "?") for x in dims]
+            raise ModelError(f"model input '{inp.name}' has shape {shown}: every dimension after the first (the rows) "
+                             "must be a fixed number to be fed from data columns")
+        rest.append(int(d.dim_value))
+    return tuple(rest), dtype
+
+
+def _named_columns(name: str, width: int, columns: Sequence[str]) -> tuple[str, ...] | None:
+    """`NAME` (width 1) or `NAME_0 ... NAME_{w-1}` when the data has all of them, else None."""
+    if width == 1 and name in columns:
+        return (name,)
+    wanted = tuple(f"{name}_{j}" for j in range(width))
+    present = set(columns)
+    return wanted if all(c in present for c in wanted) else None
 
 
 def plan_inputs(model: onnx.ModelProto, table: Table, spec: DataSpec) -> list[InputPlan]:
+    """Which columns feed which model input.
+
+    For an input `NAME` of width w the columns `NAME_0 ... NAME_{w-1}` (or `NAME` when w = 1) are used in index
+    order wherever they stand, whatever other columns the data holds. A single-input model whose columns match
+    no names takes `--features`, or else every column but the group and target columns in file order
+    (`by_position`, which the report states).
+    """
     inputs = model_inputs(model)
     if not inputs:
         raise ModelError("the model has no runtime inputs to feed")
-    plans = []
-    for inp in inputs:
-        tt = inp.type.tensor_type
-        if not inp.type.HasField("tensor_type"):
-            raise ModelError(f"model input '{inp.name}' is not a tensor; only tensor inputs can be fed from columns")
-        dims = list(tt.shape.dim)
-        if len(dims) not in (1, 2):
-            raise ModelError(f"model input '{inp.name}' has rank {len(dims)}; only [rows] or [rows, features] "
-                             "inputs can be fed from data columns")
-        width = 1
-        if len(dims) == 2:
-            if not dims[1].HasField("dim_value") or dims[1].dim_value <= 0:
-                raise ModelError(f"model input '{inp.name}' has no fixed feature width (shape "
-                                 f"{[d.dim_param or d.dim_value for d in dims]})")
-            width = dims[1].dim_value
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
-        plans.append((inp.name, width, dtype, len(dims)))
-    reserved = {spec.group} | ({spec.target} if spec.target else set())
+    shapes = [(inp.name, *_input_shape(inp)) for inp in inputs]
+    reserved = set(spec.group_columns) | ({spec.target} if spec.target else set())
     for col in reserved:
         if col not in table.columns:
-            what = "group" if col == spec.group else "target"
-            raise DataError(f"{table.name}: no {what} column '{col}' (columns: {', '.join(table.columns)})")
-    if len(plans) == 1:
-        name, width, dtype, rank = plans[0]
+            what = "group" if col in spec.group_columns else "target"
+            raise DataError(f"{table.name}: no {what} column '{col}' (columns: {_listed(table.columns)})")
+    if spec.features and len(shapes) > 1:
+        raise OptionError("--features applies to single-input models; a model with several inputs takes the "
+                          "columns named after each input (NAME, or NAME_0 ... NAME_{w-1})")
+    plans = []
+    for name, shape, dtype in shapes:
+        width = int(np.prod(shape)) if shape else 1
+        by_position = False
         if spec.features:
             cols = tuple(spec.features)
             for c in cols:
                 if c not in table.columns:
-                    raise DataError(f"{table.name}: no feature column '{c}' (columns: {', '.join(table.columns)})")
+                    raise DataError(f"{table.name}: no feature column '{c}' (columns: {_listed(table.columns)})")
                 if c in reserved:
                     raise DataError(f"--features lists '{c}', which is the group or target column")
+            if len(cols) != width:
+                raise DataError(f"{table.name}: model input '{name}' takes {width} features but --features names "
+                                f"{len(cols)} ({_listed(cols)})")
         else:
-            cols = tuple(c for c in table.columns if c not in reserved)
-        if len(cols) != width:
-            raise DataError(f"{table.name}: model input '{name}' takes {width} features but "
-                            f"{'--features names' if spec.features else 'the data has'} {len(cols)} feature columns "
-                            f"({', '.join(cols[:12])}{', ...' if len(cols) > 12 else ''}); "
-                            "choose them with --features")
-        return [InputPlan(name, cols, dtype, rank)]
-    if spec.features:
-        raise OptionError("--features applies to single-input models; a model with several inputs takes the "
-                          "columns named after each input (NAME, or NAME_0 ... NAME_{w-1})")
-    out = []
-    for name, width, dtype, rank in plans:
-        cols = (name,) if width == 1 and name in table.columns else tuple(f"{name}_{j}" for j in range(width))
-        missing = [c for c in cols if c not in table.columns]
-        if missing:
-            raise DataError(f"{table.name}: model input '{name}' needs column "
-                            f"{'s ' + cols[0] + ' ... ' + cols[-1] if width > 1 else repr(name)}; "
-                            f"'{missing[0]}' is missing")
-        out.append(InputPlan(name, cols, dtype, rank))
-    return out
+            cols = _named_columns(name, width, table.columns)
+            if cols is None and len(shapes) > 1:
+                expected = repr(name) if width == 1 else f"{name}_0 ... {name}_{width - 1}"
+                missing = next(c for c in ((name,) if width == 1 else (f"{name}_{j}" for j in range(width)))
+                               if c not in table.columns)
+                raise DataError(f"{table.name}: model input '{name}' needs the column{'s' if width > 1 else ''} "
+                                f"{expected}; '{missing}' is missing")
+            if cols is None:
+                cols = tuple(c for c in table.columns if c not in reserved)
+                by_position = True
+                if len(cols) != width:
+                    raise DataError(f"{table.name}: model input '{name}' takes {width} features; no columns are "
+                                    f"named {name + '_0 ... ' + name + '_' + str(width - 1) if width > 1 else name}, "
+                                    f"and the data has {len(cols)} other columns ({_listed(cols)}); name the columns "
+                                    f"after the input or choose them with --features")
+        if any(c in reserved for c in cols):
+            bad = next(c for c in cols if c in reserved)
+            raise DataError(f"{table.name}: column '{bad}' is both a feature of input '{name}' and the group or target "
+                            "column")
+        plans.append(InputPlan(name, cols, dtype, shape, by_position))
+    return plans
+
+
+def _listed(cols: Sequence[str], limit: int = 12) -> str:
+    return ", ".join(cols[:limit]) + (", ..." if len(cols) > limit else "")
 
 
 @dataclass
 class Rows:
-    """One batch of rows of the two groups, ready to feed."""
+    """One batch of rows of the compared groups, ready to feed."""
 
     feeds: dict[str, np.ndarray]
     code: np.ndarray  # [n] int: label code (first-seen order)
@@ -162,23 +232,57 @@ class Rows:
     u: np.ndarray  # [n] seeded uniform per row
 
 
-class RowReader:
-    """Batches of feeds with group label codes; keeps the label table across passes."""
+def _table_batches(table: Table, numeric: list[str], text: list[str], batch_size: int, keep, missing: str):
+    """`table.batches` with text columns (the reader interface of onnx_esvd.data)."""
+    return table.batches(numeric, batch_size, text=text, keep=keep, missing=missing)
 
-    def __init__(self, table: Table, inputs: list[InputPlan], spec: DataSpec, *, batch_size: int,
-                 seed: int = 0) -> None:
-        self.table, self.inputs, self.spec = table, inputs, spec
-        self.batch_size, self.seed = batch_size, seed
-        self.numeric = [c for inp in inputs for c in inp.columns] + ([spec.target] if spec.target else [])
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def feed_block(block: np.ndarray, inp: InputPlan, first_line: Any, where: str) -> np.ndarray:
+    """Numeric columns `block: [n, w] float64` as the model input `inp`: its dtype and per-row shape.
+
+    Integers must be whole numbers within the type's range, booleans 0 or 1, and float32/float16 values within
+    the type's range (a value that would overflow to inf is refused, naming the column).
+    """
+    n = block.shape[0]
+    kind = inp.dtype.kind
+    if kind == "f" and inp.dtype.itemsize < 8 and block.size:
+        limit = float(np.finfo(inp.dtype).max)
+        big = np.abs(block) > limit
+        if big.any():
+            r, c = np.argwhere(big)[0]
+            raise DataError(f"{where}: column '{inp.columns[c]}' holds {block[r, c]:g}, beyond the range of the "
+                            f"model's {inp.dtype} input '{inp.name}' (|x| <= {limit:.4g}); rescale or clean that column")
+    elif kind in "iu" and block.size:
+        info = np.iinfo(inp.dtype)
+        bad = (block != np.floor(block)) | (block < info.min) | (block > info.max)
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            raise DataError(f"{where}: column '{inp.columns[c]}' holds {block[r, c]:g}, which is not a whole number in "
+                            f"the range of the model's {inp.dtype} input '{inp.name}'")
+    elif kind == "b" and block.size:
+        bad = (block != 0) & (block != 1)
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            raise DataError(f"{where}: column '{inp.columns[c]}' holds {block[r, c]:g}; the model's bool input "
+                            f"'{inp.name}' takes 0 or 1")
+    return block.astype(inp.dtype).reshape((n, *inp.shape))
+
+
+class GroupIndex:
+    """Group labels seen so far, each with a code in first-seen order (shared by the readers of one run)."""
+
+    def __init__(self, spec: DataSpec, name: str) -> None:
+        self.spec, self.name = spec, name
         self.labels: list[str] = []
         self.code_of: dict[str, int] = {}
         self.wanted = None if spec.groups is None else tuple(_label_text(g) for g in spec.groups)
-        self.total = 0
-        self.skipped = 0
         self.other_labels: set[str] = set()
-        self._row_codes: list[np.ndarray] = []
+        self.frozen = False  # an evaluation reader uses the calibration's groups only
 
-    def _codes(self, labels: np.ndarray) -> np.ndarray:
+    def codes(self, labels: np.ndarray) -> np.ndarray:
         uniq, inverse = np.unique(labels, return_inverse=True)
         codes = np.empty(len(uniq), dtype=np.int64)
         for i, lab in enumerate(uniq):
@@ -192,29 +296,85 @@ class RowReader:
                         self.other_labels.add(lab)
                 continue
             if lab not in self.code_of:
+                if self.frozen:
+                    codes[i] = -1
+                    if len(self.other_labels) < 20:
+                        self.other_labels.add(lab)
+                    continue
                 if len(self.code_of) == 2:
                     seen = ", ".join(repr(x) for x in [*self.labels, lab])
-                    raise DataError(f"{self.table.name}: group column '{self.spec.group}' has more than two values "
+                    raise DataError(f"{self.name}: group column '{self.spec.group}' has more than two values "
                                     f"({seen}, ...); pick two with --groups A,B")
                 self.code_of[lab] = len(self.labels)
                 self.labels.append(lab)
             codes[i] = self.code_of[lab]
         return codes[inverse.reshape(-1)]
 
+
+class RowReader:
+    """Batches of feeds with group label codes; keeps every row's group code across passes."""
+
+    def __init__(self, table: Table, inputs: list[InputPlan], spec: DataSpec, *, batch_size: int,
+                 seed: int = 0, groups: GroupIndex | None = None) -> None:
+        self.table, self.inputs, self.spec = table, inputs, spec
+        self.batch_size, self.seed = batch_size, seed
+        self.numeric = [c for inp in inputs if not inp.is_text for c in inp.columns]
+        if spec.target:
+            self.numeric.append(spec.target)
+        self.text = list(dict.fromkeys([*spec.group_columns, *(c for inp in inputs if inp.is_text
+                                                                 for c in inp.columns)]))
+        self.index = groups if groups is not None else GroupIndex(spec, table.name)
+        self.total = 0
+        self.skipped = 0
+        self.dropped = 0
+        self._row_codes: list[tuple[np.ndarray, np.ndarray]] = []  # (global row indices, codes) per batch
+        self._full: np.ndarray | None = None
+
+    # the label table lives in the shared GroupIndex
+    @property
+    def labels(self) -> list[str]:
+        return self.index.labels
+
+    @property
+    def wanted(self) -> tuple[str, ...] | None:
+        return self.index.wanted
+
+    @property
+    def other_labels(self) -> set[str]:
+        return self.index.other_labels
+
+    def by_position(self) -> list[InputPlan]:
+        """Inputs fed from columns in file order because no column names matched (the report says so)."""
+        return [inp for inp in self.inputs if inp.by_position]
+
+    def _labels(self, text: dict[str, np.ndarray]) -> np.ndarray:
+        cols = self.spec.group_columns
+        if len(cols) == 1:
+            return normalise_labels(text[cols[0]])
+        parts = [np.char.add(f"{c}=", normalise_labels(text[c]).astype(str)) for c in cols]
+        out = parts[0]
+        for p in parts[1:]:
+            out = np.char.add(np.char.add(out, "&"), p)
+        return out
+
     def __call__(self, first_pass: bool = False, select: str = "all", holdout: float = 0.0) -> Iterator[Rows]:
-        """Batches of the rows of the two groups.
+        """Batches of the rows of the compared groups.
 
         The first pass reads the group column and remembers every row's label code (one byte a row).
         Later passes take the codes from there and read only the rows they need: `select` "fit"
         (u >= holdout), "report" (u < holdout, or every row with holdout 0) or "all".
         """
         keep = None if first_pass else self._selector(select, holdout)
-        label = self.spec.group if first_pass else None
-        for batch in self.table.batches(self.numeric, label, self.batch_size, keep=keep):
+        text = self.text if first_pass else [c for c in self.text if c not in self.spec.group_columns
+                                              or any(c in inp.columns for inp in self.inputs)]
+        missing = "skip" if self.spec.dropna else "error"
+        for batch in _table_batches(self.table, self.numeric, text, self.batch_size, keep, missing):
             index = batch.row_index()
             if first_pass:
-                code = self._codes(batch.labels)
-                self._row_codes.append(code.astype(np.int8))
+                self.dropped += batch.dropped
+                code = self.index.codes(self._labels(batch.text))
+                self._row_codes.append((index, code.astype(np.int8)))
+                self._full = None
                 self.total += len(code)
                 self.skipped += int((code < 0).sum())
             else:
@@ -222,29 +382,43 @@ class RowReader:
             mask = code >= 0
             if not mask.any():
                 continue
-            values = batch.values if mask.all() else batch.values[mask]
+            sel = None if mask.all() else mask
+            values = batch.values if sel is None else batch.values[sel]
             index, code = index[mask], code[mask]
             feeds, j = {}, 0
+            where = self.table.name
             for inp in self.inputs:
+                if inp.is_text:
+                    cols = [batch.text[c] if sel is None else batch.text[c][sel] for c in inp.columns]
+                    arr = np.stack([np.asarray(c, dtype=object) for c in cols], axis=1)
+                    feeds[inp.name] = arr.reshape((len(code), *inp.shape))
+                    continue
                 block = values[:, j:j + len(inp.columns)]
                 j += len(inp.columns)
-                arr = block.astype(inp.dtype)
-                feeds[inp.name] = arr.reshape(-1) if inp.rank == 1 else arr
+                feeds[inp.name] = feed_block(block, inp, None, where)
             target = values[:, j] if self.spec.target else None
             yield Rows(feeds, code, target, row_uniform_at(self.seed, index))
 
     @property
     def row_codes(self) -> np.ndarray:
-        """Label code of every row of the data (-1: neither group), known after the first pass."""
-        if len(self._row_codes) != 1:
-            self._row_codes = [np.concatenate(self._row_codes) if self._row_codes else np.zeros(0, np.int8)]
-        return self._row_codes[0]
+        """Label code of every row of the data by global row index (-1: no compared group, or dropped for a
+        missing value), known after the first pass. One byte a row."""
+        if self._full is None:
+            size = max((int(idx[-1]) + 1 for idx, _ in self._row_codes if len(idx)), default=0)
+            full = np.full(size, -1, dtype=np.int8)
+            for idx, code in self._row_codes:
+                full[idx] = code
+            self._row_codes = [(np.arange(size, dtype=np.int64), full)]
+            self._full = full
+        return self._full
 
     def _selector(self, select: str, holdout: float):
         codes = self.row_codes
 
         def keep(start: int, n: int) -> np.ndarray:
-            mask = codes[start:start + n] >= 0
+            part = codes[start:start + n]
+            mask = np.zeros(n, dtype=bool)
+            mask[:len(part)] = part >= 0
             if select == "all" or (select == "report" and holdout <= 0):
                 return mask
             u = row_uniform(self.seed, start, n)

@@ -32,6 +32,7 @@ class Runner:
         import onnxruntime as ort
 
         feed_names = {i.name for i in model.graph.input}
+        self.fixed_batch = static_batch(model)
         self.outputs = list(outputs)
         self._from_feed = [n for n in self.outputs if n in feed_names]
         self._fetch = [n for n in self.outputs if n not in feed_names]
@@ -59,21 +60,67 @@ class Runner:
                              "onnxruntime or export the model with a lower opset") from exc
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch; returns {name: array} for every requested tensor."""
-        try:
-            values = self.session.run(self._fetch, dict(feeds)) if self._fetch else []
-        except Exception as exc:
-            raise ModelError(f"onnxruntime failed to run the model: {_first_line(exc)}") from exc
+        """Run one batch; returns {name: array} for every requested tensor.
+
+        A model whose inputs have a fixed batch size b (exported without dynamic axes) is run on chunks of
+        exactly b rows, the last one padded by repeating its last row; the outputs are joined and trimmed.
+        """
+        if not self._fetch:
+            values = []
+        elif self.fixed_batch is None:
+            values = self._run(dict(feeds))
+        else:
+            values = self._run_fixed(feeds, self.fixed_batch)
         out = dict(zip(self._fetch, values))
         for name in self._from_feed:
             out[name] = feeds[name]
         return out
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list:
+        try:
+            return self.session.run(self._fetch, feeds)
+        except Exception as exc:
+            raise ModelError(f"onnxruntime failed to run the model: {_first_line(exc)}") from exc
+
+    def _run_fixed(self, feeds: Mapping[str, np.ndarray], size: int) -> list:
+        n = len(next(iter(feeds.values())))
+        if n == size:
+            return self._run(dict(feeds))
+        parts: list[list[np.ndarray]] = [[] for _ in self._fetch]
+        for start in range(0, n, size):
+            chunk = {}
+            for name, arr in feeds.items():
+                block = arr[start:start + size]
+                if len(block) < size:  # pad the last chunk with copies of its last row
+                    block = np.concatenate([block, np.repeat(block[-1:], size - len(block), axis=0)])
+                chunk[name] = block
+            for j, value in enumerate(self._run(chunk)):
+                v = np.asarray(value)
+                if v.ndim == 0 or v.shape[0] != size:
+                    raise ModelError(f"the model takes a fixed batch of {size} rows but its tensor '{self._fetch[j]}' "
+                                     f"has shape {list(v.shape)}, not one row per input row")
+                parts[j].append(v[:min(size, n - start)])
+        return [np.concatenate(p) for p in parts]
 
     def close(self) -> None:
         self.session = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+def static_batch(model: onnx.ModelProto) -> int | None:
+    """The fixed batch size b when every runtime input's first dimension is the same number b, else None."""
+    inits = {t.name for t in model.graph.initializer}
+    sizes = set()
+    for inp in model.graph.input:
+        if inp.name in inits or not inp.type.HasField("tensor_type"):
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value <= 0:
+            return None
+        sizes.add(dims[0].dim_value)
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _first_line(exc: BaseException) -> str:
