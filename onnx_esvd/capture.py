@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import onnx
 
-from .data import Table, _label_text
+from .data import Table, _label_text, normalise_labels
 from .errors import DataError, LayerError, ModelError, OptionError
 from .graph import LinearLayer, model_inputs, with_outputs
 from .metrics import OutputCollector, OutputMetrics
@@ -206,11 +206,11 @@ class RowReader:
         (u >= holdout), "report" (u < holdout, or every row with holdout 0) or "all".
         """
         keep = None if first_pass else self._selector(select, holdout)
-        label = self.spec.group if first_pass else None
-        for batch in self.table.batches(self.numeric, label, self.batch_size, keep=keep):
+        text = [self.spec.group] if first_pass else []
+        for batch in self.table.batches(self.numeric, self.batch_size, text=text, keep=keep):
             index = batch.row_index()
             if first_pass:
-                code = self._codes(batch.labels)
+                code = self._codes(normalise_labels(batch.text[self.spec.group]))
                 self._row_codes.append(code.astype(np.int8))
                 self.total += len(code)
                 self.skipped += int((code < 0).sum())
