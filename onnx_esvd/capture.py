@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import onnx
 
-from .data import Table, _label_text
+from .data import Table, _label_text, normalise_labels
 from .errors import DataError, LayerError, ModelError, OptionError
 from .graph import LinearLayer, model_inputs, with_outputs
 from .metrics import OutputCollector, OutputMetrics
@@ -327,7 +327,7 @@ class RowReader:
         self.total = 0
         self.skipped = 0
         self.dropped = 0
-        self._row_codes: list[tuple[np.ndarray, np.ndarray]] = []  # (global row indices, codes) per batch
+        self._row_codes: list[tuple[Any, np.ndarray]] = []  # (first row index or row indices, codes) per batch
         self._full: np.ndarray | None = None
 
     # the label table lives in the shared GroupIndex
@@ -373,7 +373,8 @@ class RowReader:
             if first_pass:
                 self.dropped += batch.dropped
                 code = self.index.codes(self._labels(batch.text))
-                self._row_codes.append((index, code.astype(np.int8)))
+                # contiguous blocks keep only their start (one byte a row in all)
+                self._row_codes.append((batch.start if batch.index is None else index, code.astype(np.int8)))
                 self._full = None
                 self.total += len(code)
                 self.skipped += int((code < 0).sum())
@@ -404,11 +405,18 @@ class RowReader:
         """Label code of every row of the data by global row index (-1: no compared group, or dropped for a
         missing value), known after the first pass. One byte a row."""
         if self._full is None:
-            size = max((int(idx[-1]) + 1 for idx, _ in self._row_codes if len(idx)), default=0)
+            def end(where: Any, code: np.ndarray) -> int:
+                if isinstance(where, (int, np.integer)):
+                    return int(where) + len(code)
+                return int(where[-1]) + 1 if len(where) else 0
+
+            size = max((end(w, c) for w, c in self._row_codes), default=0)
             full = np.full(size, -1, dtype=np.int8)
-            for idx, code in self._row_codes:
-                full[idx] = code
-            self._row_codes = [(np.arange(size, dtype=np.int64), full)]
+            for where, code in self._row_codes:
+                if isinstance(where, (int, np.integer)):
+                    full[int(where):int(where) + len(code)] = code
+                else:
+                    full[where] = code
             self._full = full
         return self._full
 

@@ -21,15 +21,15 @@ LAW_NUMERIC = LAW_FEATURES + ["ugpa"]
 def collect(table, numeric, label, batch_size):
     """Concatenate a table's batches; also checks batch starts are consecutive and sizes bounded."""
     values, labels, start = [], [], 0
-    for batch in table.batches(numeric, label, batch_size):
+    for batch in table.batches(numeric, batch_size, text=[label] if label else []):
         n = batch.values.shape[0]
         assert batch.start == start
         assert batch.values.dtype == np.float64 and batch.values.shape == (n, len(numeric))
         if label is None:
-            assert batch.labels is None
+            assert batch.text == {}
         else:
-            assert batch.labels is not None and len(batch.labels) == n
-            labels.append(np.asarray(batch.labels).astype(str))
+            assert len(batch.text[label]) == n
+            labels.append(normalise_labels(batch.text[label]))
         values.append(batch.values)
         start += n
     v = np.concatenate(values) if values else np.zeros((0, len(numeric)))
@@ -466,17 +466,17 @@ def test_keep_reads_only_the_selected_rows_with_their_indices(tmp_path):
     lines.insert(10, "")  # a blank line is not a row
     path = tmp_path / "t.csv"
     path.write_text("\n".join(lines) + "\n")
-    full = np.concatenate([b.values for b in open_table(path).batches(["a", "b"], "g", 7)])
+    full = np.concatenate([b.values for b in open_table(path).batches(["a", "b"], 7, text=["g"])])
 
     def keep(start, n):
         return (np.arange(start, start + n) % 4) == 1
 
     for table in (open_table(path), ArrayTable({"a": full[:, 0], "b": full[:, 1], "g": np.array(["x"] * 50)})):
-        batches = list(table.batches(["a", "b"], None, 7, keep=keep))
+        batches = list(table.batches(["a", "b"], 7, keep=keep))
         index = np.concatenate([b.row_index() for b in batches])
         values = np.concatenate([b.values for b in batches])
         assert np.array_equal(index, np.flatnonzero(np.arange(50) % 4 == 1))
         assert np.array_equal(values, full[index])
-    csv_lines = np.concatenate([b.lines for b in open_table(path).batches(["a"], None, 7, keep=keep)])
+    csv_lines = np.concatenate([b.lines for b in open_table(path).batches(["a"], 7, keep=keep)])
     # rows 0..8 are on lines 2..10, the blank line is line 11, so row r >= 9 is on line r + 3
     assert np.array_equal(csv_lines, [r + 2 if r < 9 else r + 3 for r in np.flatnonzero(np.arange(50) % 4 == 1)])

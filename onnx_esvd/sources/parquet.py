@@ -1,0 +1,84 @@
+"""Parquet files (`.parquet`, `.pq`), read batch by batch with pyarrow (an optional dependency).
+
+Only the requested columns are read, one record batch of at most `batch_size` rows at a time, so
+memory stays flat in the number of rows. Dictionary-encoded and string columns work as text; the
+index columns pandas stores with a DataFrame are not data columns.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..errors import DataError
+from .base import Batch, Keep, Table
+from .frames import arrow_numeric, arrow_text
+
+
+def _parquet() -> Any:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("reading Parquet needs pyarrow; install it with: pip install 'onnx-esvd[parquet]'") from None
+    return pq
+
+
+class ParquetTable(Table):
+    """A Parquet file; columns in schema order (top-level fields, without pandas index columns)."""
+
+    def __init__(self, path: Path) -> None:
+        pq = _parquet()
+        self.path = Path(path)
+        self.name = str(path)
+        try:
+            pf = pq.ParquetFile(self.path)
+            schema = pf.schema_arrow
+            self.rows = pf.metadata.num_rows
+            pf.close()
+        except Exception as exc:  # pyarrow raises ArrowInvalid / OSError subclasses for unreadable files
+            raise DataError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
+        index = set()
+        meta = schema.pandas_metadata or {}
+        for col in meta.get("index_columns", []):
+            if isinstance(col, str):
+                index.add(col)
+        names = [n for n in schema.names if n not in index]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise DataError(f"{path}: column '{dupes[0]}' appears twice; make column names unique")
+        self.columns = tuple(names)
+
+    def _batches(self, numeric: list[str], text: list[str], batch_size: int,
+                 keep: Keep | None) -> Iterator[Batch]:
+        pq = _parquet()
+        wanted = list(dict.fromkeys(numeric + text))
+        start = 0
+        try:
+            pf = pq.ParquetFile(self.path)
+        except Exception as exc:
+            raise DataError(f"{self.path}: not a readable Parquet file ({_first_line(exc)})") from None
+        try:
+            batches = pf.iter_batches(batch_size=batch_size, columns=wanted)
+            while True:
+                try:
+                    rb = next(batches, None)
+                except Exception as exc:
+                    raise DataError(f"{self.path}: cannot read rows from {start + 1} on ({_first_line(exc)}); the "
+                                    "file is truncated or corrupt") from None
+                if rb is None:
+                    return
+                n = rb.num_rows
+                values = np.empty((n, len(numeric)), dtype=np.float64)
+                for j, c in enumerate(numeric):
+                    values[:, j] = arrow_numeric(rb.column(c), self.name, c)
+                yield Batch(start, values, {c: arrow_text(rb.column(c)) for c in text})
+                start += n
+        finally:
+            pf.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
