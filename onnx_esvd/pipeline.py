@@ -49,8 +49,11 @@ class RepairOptions:
     holdout: float = 0.2
     seed: int = 0
     batch_size: int = 4096
+    max_drift: float = 0.05
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.max_drift, (int, float)) and np.isfinite(self.max_drift) and self.max_drift >= 0):
+            raise OptionError(f"--max-drift {self.max_drift} is invalid; it must be a number >= 0")
         for name in ("c1", "c2"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and np.isfinite(v) and v >= 1):
@@ -181,6 +184,7 @@ def repair(
     target: str | None = None,
     features: Sequence[str] | None = None,
     score: str | None = None,
+    max_drift: float = 0.05,
     c1: float = 15.0,
     c2: float = 150.0,
     eps: float = 1e-5,
@@ -202,6 +206,8 @@ def repair(
         features: feature columns of a single-input model (default: every other column, in order).
         score: the output scored and repaired, "NAME" or "NAME:COL" (default: the only float output; column 1
             of an [N, 2] output).
+        max_drift: other outputs the repaired node feeds are distilled back to their original values; the repair
+            is refused when one still moves by more than this relative RMS change on the report rows.
         c1, c2, eps: ESVD constants (first moment, second moment, ridge of delta delta^T).
         refit: "fair" (ridge least squares with exact output mean parity), "plain", or "none".
         ridge: ridge term of the refit, or "auto" to choose it on a seeded validation part.
@@ -214,7 +220,7 @@ def repair(
         RepairResult with the new model (`.model`), the metrics and the details.
     """
     options = RepairOptions(c1=c1, c2=c2, eps=eps, refit=refit, ridge=ridge, holdout=holdout, seed=seed,
-                            batch_size=batch_size)
+                            batch_size=batch_size, max_drift=max_drift)
     spec = data_spec(group, groups, target, features, score)
     loaded = load_model(model)
     return _repair(loaded, open_table(data), layer, spec, options, progress or (lambda name, rows: None))
@@ -321,6 +327,11 @@ def _finish(prep: _Prepared, patched: onnx.ModelProto, result: EsvdResult, refit
         prep.others, output_drift(prep.original, patched, reader, h, [o.name for o in prep.others], progress)))
     notes = list(prep.notes)
     for o, drift in zip(prep.others, drifts):
+        if o.how == "distilled" and not drift.relative <= options.max_drift:
+            raise LayerError(f"output '{o.name}' would change: after refitting its final node '{o.final.name}' to its "
+                             f"original values it still moves by {drift.relative:.3g} of its spread (relative RMS, "
+                             f"--max-drift {options.max_drift:g}); repair a layer that only the scored output "
+                             f"'{prep.score.output}' depends on, or raise --max-drift")
         if o.how == "derived":
             notes.append(f"output '{o.name}' is computed from the scored output's final node, so it changes with "
                          f"the repair (relative RMS change {drift.relative:.3g} on the report rows)")
