@@ -51,9 +51,19 @@ AutoLayerOpt = Annotated[str, typer.Option("--layer", help="Index from `onnx-esv
 EpsOpt = Annotated[float, typer.Option("--eps", help="The eps of delta delta^T + eps I in the first-moment step.")]
 RidgeOpt = Annotated[str, typer.Option("--ridge", metavar="auto|FLOAT", help="Ridge term of the refit, or 'auto' "
                                                                              "to choose it on held-out fit rows.")]
-HoldoutOpt = Annotated[float, typer.Option("--holdout", help="Share of rows kept out of the fit to measure the "
+HoldoutOpt = Annotated[Optional[float], typer.Option("--holdout", show_default="0.2, or 0 with --eval",
+                                                     help="Share of rows kept out of the fit to measure the "
                                                              "result (0: fit and report on all).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the holdout and ridge splits.")]
+EvalOpt = Annotated[Optional[Path], typer.Option(
+    "--eval", metavar="FILE", help="Measure before/after on every row of this file (same format as --data) "
+                                  "instead of a holdout of the calibration data; the fit then uses every "
+                                  "calibration row.")]
+DropnaOpt = Annotated[bool, typer.Option("--dropna", help="Skip rows with a missing feature, group or target value "
+                                                          "(the report counts them) instead of refusing the data.")]
+MaxDriftOpt = Annotated[float, typer.Option(
+    "--max-drift", help="Other outputs the repaired node feeds are refitted back to their original values; refuse "
+                        "when one still moves by more than this (RMS change / its spread).")]
 ScoreOpt = Annotated[Optional[str], typer.Option(
     "--score", metavar="NAME[:COL]", help="The model output (and column) whose distribution is scored and repaired "
                                          "(default: the only floating-point output; column 1 of an [N, 2] output).")]
@@ -117,6 +127,9 @@ def repair(
     target: TargetOpt = None,
     features: FeaturesOpt = None,
     score: ScoreOpt = None,
+    evaluate: EvalOpt = None,
+    dropna: DropnaOpt = False,
+    max_drift: MaxDriftOpt = 0.05,
     c1: Annotated[float, typer.Option("--c1", help="First-moment shrink: divide the mean-gap bound by c1 "
                                                    "(1 skips).")] = 15.0,
     c2: Annotated[float, typer.Option("--c2", help="Second-moment shrink: divide the covariance-gap bound by "
@@ -125,7 +138,7 @@ def repair(
     refit: Annotated[str, typer.Option("--refit", help="Refit of the final node: fair (keeps output mean "
                                                        "parity), plain (least squares), none.")] = "fair",
     ridge: RidgeOpt = "auto",
-    holdout: HoldoutOpt = 0.2,
+    holdout: HoldoutOpt = None,
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 4096,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (default: MODEL stem + "
@@ -152,38 +165,32 @@ def repair(
         from .report import budget_report, repair_report
 
         out = output if output is not None else default_output_path(model)
-        check_output_path(out, inputs=(model, data), force=force)
+        reads = tuple(p for p in (model, data, evaluate) if p is not None)
+        check_output_path(out, inputs=reads, force=force)
         ridge_value = _ridge(ridge)
         if plot is not None:
             from onnx_esvd.plots import check_plot_path
 
-            check_output_path(plot, inputs=(model, data, out), force=True, option="--plot")
+            check_output_path(plot, inputs=(*reads, out), force=True, option="--plot")
             check_plot_path(plot)
         progress = Progress(quiet=quiet)
         budget = None
+        common = dict(group=group, groups=_split(groups), target=target, features=_split(features), score=score,
+                      evaluate=evaluate, dropna=dropna, max_drift=max_drift, eps=eps, ridge=ridge_value,
+                      holdout=holdout, seed=seed, batch_size=batch_size, progress=progress)
         try:
             if max_ks is not None or max_mean_gap is not None:
                 from onnx_esvd import repair_within_budget
 
-                budget = repair_within_budget(
-                    model, data, layer=layer, group=group, groups=_split(groups), target=target,
-                    features=_split(features), score=score, max_ks=max_ks, max_mean_gap=max_mean_gap,
-                    refit=None if refit == "fair" else [refit], eps=eps, ridge=ridge_value, holdout=holdout,
-                    seed=seed, batch_size=batch_size, progress=progress)
+                budget = repair_within_budget(model, data, layer=layer, max_ks=max_ks, max_mean_gap=max_mean_gap,
+                                              refit=None if refit == "fair" else [refit], **common)
                 result = budget.result
             elif layer.strip() == "auto":
                 from onnx_esvd.tradeoff import repair_auto
 
-                result = repair_auto(
-                    model, data, group=group, groups=_split(groups), target=target, features=_split(features), score=score,
-                    c1=c1, c2=c2, eps=eps, refit=refit, ridge=ridge_value, holdout=holdout, seed=seed,
-                    batch_size=batch_size, progress=progress)
+                result = repair_auto(model, data, c1=c1, c2=c2, refit=refit, **common)
             else:
-                result = run_repair(
-                    model, data, layer=layer, group=group, groups=_split(groups), target=target,
-                    features=_split(features), score=score, c1=c1, c2=c2, eps=eps, refit=refit, ridge=ridge_value,  # type: ignore[arg-type]
-                    holdout=holdout, seed=seed, batch_size=batch_size, progress=progress,
-                )
+                result = run_repair(model, data, layer=layer, c1=c1, c2=c2, refit=refit, **common)
         finally:
             progress.close()
         if result is None:  # no setting meets the budget: write nothing, exit 1
@@ -215,13 +222,16 @@ def sweep(
     target: TargetOpt = None,
     features: FeaturesOpt = None,
     score: ScoreOpt = None,
+    evaluate: EvalOpt = None,
+    dropna: DropnaOpt = False,
+    max_drift: MaxDriftOpt = 0.05,
     c1: Annotated[str, typer.Option("--c1", metavar="LIST", help="c1 values, comma-separated.")] = "1,5,15,50,150",
     c2: Annotated[str, typer.Option("--c2", metavar="LIST", help="c2 values, comma-separated.")] = "1,10,150,1000",
     refit: Annotated[str, typer.Option("--refit", metavar="LIST", help="Refit modes, comma-separated "
                                                                        "(fair, plain, none).")] = "fair",
     eps: EpsOpt = 1e-5,
     ridge: RidgeOpt = "auto",
-    holdout: HoldoutOpt = 0.2,
+    holdout: HoldoutOpt = None,
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 4096,
     plot: PlotOpt = None,
@@ -251,14 +261,16 @@ def sweep(
         if plot is not None:
             from onnx_esvd.plots import check_plot_path
 
-            check_output_path(plot, inputs=(model, data), force=True, option="--plot")
+            check_output_path(plot, inputs=tuple(p for p in (model, data, evaluate) if p is not None), force=True,
+                              option="--plot")
             check_plot_path(plot)
         progress = Progress(quiet=quiet)
         try:
             result = run_sweep(model, data, layer=layer, group=group, groups=_split(groups), target=target,
-                               features=_split(features), score=score, c1=numbers(c1, "c1"), c2=numbers(c2, "c2"),
-                               refit=_split(refit), eps=eps, ridge=_ridge(ridge), holdout=holdout, seed=seed,
-                               batch_size=batch_size, progress=progress)
+                               features=_split(features), score=score, evaluate=evaluate, dropna=dropna,
+                               max_drift=max_drift, c1=numbers(c1, "c1"), c2=numbers(c2, "c2"), refit=_split(refit),
+                               eps=eps, ridge=_ridge(ridge), holdout=holdout, seed=seed, batch_size=batch_size,
+                               progress=progress)
         finally:
             progress.close()
         if plot is not None:
@@ -290,6 +302,7 @@ def audit(
     target: TargetOpt = None,
     features: FeaturesOpt = None,
     score: ScoreOpt = None,
+    dropna: DropnaOpt = False,
     eps: EpsOpt = 1e-5,
     top: Annotated[int, typer.Option("--top", help="How many leading singular directions the shares "
                                                    "count.")] = 3,
@@ -309,7 +322,8 @@ def audit(
         progress = Progress(quiet=quiet)
         try:
             result = run_audit(model, data, group=group, groups=_split(groups), target=target,
-                               features=_split(features), score=score, eps=eps, top=top, batch_size=batch_size,
+                               features=_split(features), score=score, dropna=dropna, eps=eps, top=top,
+                               batch_size=batch_size,
                                progress=progress)
         finally:
             progress.close()
@@ -325,6 +339,7 @@ def check(
     target: TargetOpt = None,
     features: FeaturesOpt = None,
     score: ScoreOpt = None,
+    dropna: DropnaOpt = False,
     max_ks: Annotated[Optional[float], typer.Option("--max-ks", help="Fail above this KS distance.")] = None,
     max_mean_gap: Annotated[Optional[float], typer.Option("--max-mean-gap", help="Fail above this mean "
                                                                                  "gap.")] = None,
@@ -356,7 +371,8 @@ def check(
         progress = Progress(quiet=quiet)
         try:
             result = run_check(model, data, group=group, groups=_split(groups), target=target,
-                               features=_split(features), score=score, max_ks=max_ks, max_mean_gap=max_mean_gap,
+                               features=_split(features), score=score, dropna=dropna, max_ks=max_ks,
+                               max_mean_gap=max_mean_gap,
                                max_mse=max_mse, max_mae=max_mae, batch_size=batch_size, progress=progress)
         finally:
             progress.close()

@@ -59,7 +59,8 @@ def repair_report(res: Any, model_path: str, output: str | None) -> str:
         f"layer     {lay.index} '{lay.name}' ({lay.op}, {lay.in_features} -> {lay.out_features}) of {model_path}",
         f"score     {res.score_text}" if res.score is not None else "",
         f"groups    {g0!r} (group 0) vs {g1!r} (group 1) in column '{res.data.group}'",
-        f"rows      {res.rows.total} read, {res.rows.skipped} of other groups skipped, {res.rows.fit} used to fit",
+        f"rows      {res.rows.total} read, {res.rows.skipped} of other groups skipped, {res.rows.fit} used to fit"
+        + (f", {res.rows.dropped} with missing values dropped" if res.rows.dropped else ""),
         f"esvd      c2={_g(res.options.c2)} (second moment), c1={_g(res.options.c1)} (first moment), "
         f"eps={_g(res.options.eps)}",
     ]
@@ -70,11 +71,14 @@ def repair_report(res: Any, model_path: str, output: str | None) -> str:
         lines.append(f"refit     {res.refit_note}")
     if res.report_rows == "holdout":
         lines.append(f"measured on {b.rows} holdout rows the fit did not use (--holdout {_g(res.options.holdout)})")
+    elif res.report_rows == "eval":
+        lines.append(f"measured on {b.rows} rows of the evaluation file (--eval), which the fit did not use")
     else:
         lines.append(f"measured on the {b.rows} rows the fit used (--holdout 0): expect the held-out gap to be larger")
     for o in res.others:
-        lines.append(f"output    '{o.name}' ({'final node refitted to its original values' if o.how == 'distilled' else 'computed from the scored output'}): "
-                     f"relative RMS change {num(o.relative)}, largest change {num(o.max_abs)}")
+        how = "final node refitted to its original values" if o.how == "distilled" else "computed from the score"
+        lines.append(f"output    '{o.name}' ({how}): relative RMS change {num(o.relative)}, largest change "
+                     f"{num(o.max_abs)}")
     lines = [line for line in lines if line]
     lines.append("")
     rows = [("KS", num(b.ks), num(a.ks), change(b.ks, a.ks)),

@@ -47,14 +47,14 @@ class DataSpec:
 
 
 def data_spec(group: str, groups: Sequence[str] | None, target: str | None,
-              features: Sequence[str] | None, score: str | None = None) -> DataSpec:
+              features: Sequence[str] | None, score: str | None = None, dropna: bool = False) -> DataSpec:
     """Validate the column options shared by every command."""
     if groups is not None:
         groups = tuple(str(g) for g in groups)
         if len(groups) != 2 or _label_text(groups[0]) == _label_text(groups[1]):
             raise OptionError(f"--groups {','.join(groups)} is invalid; give two different values, e.g. --groups A,B")
     return DataSpec(group=group, groups=groups, target=target, features=tuple(features) if features else None,
-                    score=score)
+                    score=score, dropna=bool(dropna))
 
 
 def positive_batch(batch_size: int) -> int:
@@ -69,12 +69,16 @@ def source_name(obj: Any) -> str:
     return f"<{type(obj).__name__}>"
 
 
-def open_rows(model: onnx.ModelProto, data: Any, spec: DataSpec, *, batch_size: int, seed: int = 0) -> RowReader:
-    """The data (a path, arrays or a reader) as batches of feeds for `model`, columns checked."""
+def open_rows(model: onnx.ModelProto, data: Any, spec: DataSpec, *, batch_size: int, seed: int = 0,
+              groups: GroupIndex | None = None) -> RowReader:
+    """The data (a path, arrays or a reader) as batches of feeds for `model`, columns checked.
+
+    `groups` shares the group labels of another reader (an evaluation file uses the calibration's groups)."""
     from .data import open_table
 
     table = open_table(data)
-    return RowReader(table, plan_inputs(model, table, spec), spec, batch_size=positive_batch(batch_size), seed=seed)
+    return RowReader(table, plan_inputs(model, table, spec), spec, batch_size=positive_batch(batch_size), seed=seed,
+                     groups=groups)
 
 
 def row_uniform(seed: int, start: int, n: int) -> np.ndarray:
@@ -254,7 +258,8 @@ def feed_block(block: np.ndarray, inp: InputPlan, first_line: Any, where: str) -
         if big.any():
             r, c = np.argwhere(big)[0]
             raise DataError(f"{where}: column '{inp.columns[c]}' holds {block[r, c]:g}, beyond the range of the "
-                            f"model's {inp.dtype} input '{inp.name}' (|x| <= {limit:.4g}); rescale or clean that column")
+                            f"model's {inp.dtype} input '{inp.name}' (|x| <= {limit:.4g}); rescale or clean that "
+                            "column")
     elif kind in "iu" and block.size:
         info = np.iinfo(inp.dtype)
         bad = (block != np.floor(block)) | (block < info.min) | (block > info.max)
@@ -501,9 +506,9 @@ def score_runner(model: onnx.ModelProto, score: Score, tensors: Sequence[tuple[s
 
 
 def capture(model: onnx.ModelProto, layers: Sequence[LinearLayer], reader: RowReader, holdout: float,
-            progress: Progress, score: Score) -> Capture:
+            progress: Progress, score: Score, *, report: bool = True) -> Capture:
     """Pass 1 over the original model: every given layer's input on the fit rows (reduced per batch into
-    float64 moments, O(sum d^2) memory) and the scored output on the report rows."""
+    float64 moments, O(sum d^2) memory) and, with `report`, the scored output on the report rows."""
     runner = score_runner(model, score, [(layer.input, layer.elem_type) for layer in layers])
     cap = Capture(moments={layer.index: [] for layer in layers})
     done = 0
@@ -520,12 +525,12 @@ def capture(model: onnx.ModelProto, layers: Sequence[LinearLayer], reader: RowRe
                 moments.append(Moments(d))
             for c, mask in masks:
                 moments[c].add(x[mask])
-        report = report_mask(rows, holdout)
-        if cap.width is None:
+        if cap.width is None and report:
             cap.width = int(np.asarray(out[score.tensor]).reshape(n, -1).shape[1]) if n else None
-        if report.any():
-            cap.report.add(score.take(out[score.tensor], n)[report], rows.code[report],
-                           None if rows.target is None else rows.target[report])
+        in_report = report_mask(rows, holdout) if report else None
+        if in_report is not None and in_report.any():
+            cap.report.add(score.take(out[score.tensor], n)[in_report], rows.code[in_report],
+                           None if rows.target is None else rows.target[in_report])
         done += n
         progress("capture", done)
     runner.close()
@@ -555,12 +560,16 @@ def group_stats(cap: Capture, layer: LinearLayer, reader: RowReader, notes: list
 
 
 def report_outputs(model: onnx.ModelProto, reader: RowReader, holdout: float, progress: Progress,
-                   score: Score) -> OutputCollector:
-    """Pass 3: the model's scored output on the report rows, collected for the metrics."""
+                   score: Score, *, first_pass: bool = False) -> OutputCollector:
+    """Pass 3: the model's scored output on the report rows, collected for the metrics. With `first_pass`, this is
+    the reader's first pass (an evaluation file: every row of the compared groups is a report row)."""
     collector = OutputCollector()
     runner = score_runner(model, score)
     done = 0
-    for rows, out in pipelined(reader(select="report", holdout=holdout), lambda r: runner.run(r.feeds)):
+    rows_iter = reader(first_pass=True) if first_pass else reader(select="report", holdout=holdout)
+    for rows, out in pipelined(rows_iter, lambda r: runner.run(r.feeds)):
+        if first_pass and collector.width is None and len(rows.code):
+            collector.width = int(np.asarray(out[score.tensor]).reshape(len(rows.code), -1).shape[1])
         n = len(rows.code)
         collector.add(score.take(out[score.tensor], n), rows.code, rows.target)
         done += n
@@ -586,7 +595,8 @@ class OutputDrift:
     how: str = ""
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "how": self.how, "relative_rms_change": self.relative, "max_abs_change": self.max_abs}
+        return {"name": self.name, "how": self.how, "relative_rms_change": self.relative,
+                "max_abs_change": self.max_abs}
 
 
 def output_drift(original: onnx.ModelProto, patched: onnx.ModelProto, reader: RowReader, holdout: float,

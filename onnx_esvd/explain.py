@@ -74,7 +74,7 @@ class AuditResult:
 
 def audit(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = None, target: str | None = None,
           features: Sequence[str] | None = None, score: str | None = None, eps: float = 1e-5, top: int = 3,
-          batch_size: int = 4096, progress: Any = None) -> AuditResult:
+          batch_size: int = 4096, dropna: bool = False, progress: Any = None) -> AuditResult:
     """Measure the scored output's metrics and the explainable-SVD view of every repairable layer it depends on,
     in one pass.
 
@@ -84,7 +84,7 @@ def audit(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = N
         raise OptionError(f"--eps {eps} is invalid; it must be a positive number (default 1e-5)")
     if not (isinstance(top, int) and top >= 1):
         raise OptionError(f"--top {top} is invalid; it must be a positive integer")
-    spec = data_spec(group, groups, target, features, score)
+    spec = data_spec(group, groups, target, features, score, dropna)
     loaded = load_model(model)
     scored = resolve_score(loaded.model, score)
     found = find_layers(loaded.model, scored.tensor)

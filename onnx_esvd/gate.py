@@ -98,9 +98,9 @@ class CheckResult:
 
 def measure(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = None, target: str | None = None,
             features: Sequence[str] | None = None, score: str | None = None, batch_size: int = 4096,
-            progress: Progress | None = None) -> Measured:
+            dropna: bool = False, progress: Progress | None = None) -> Measured:
     """Run the model over every row of the two groups and compute the scored output's metrics."""
-    spec = data_spec(group, groups, target, features, score)
+    spec = data_spec(group, groups, target, features, score, dropna)
     loaded = load_model(model)
     scored = resolve_score(loaded.model, score)
     reader = open_rows(loaded.model, data, spec, batch_size=batch_size)
@@ -111,9 +111,10 @@ def measure(model: Any, data: Any, *, group: str, groups: Sequence[str] | None =
 
 
 def check(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = None, target: str | None = None,
-          features: Sequence[str] | None = None, score: str | None = None, max_ks: float | None = None, max_mean_gap: float | None = None,
+          features: Sequence[str] | None = None, score: str | None = None, max_ks: float | None = None,
+          max_mean_gap: float | None = None,
           max_mse: float | None = None, max_mae: float | None = None, batch_size: int = 4096,
-          progress: Progress | None = None) -> CheckResult:
+          dropna: bool = False, progress: Progress | None = None) -> CheckResult:
     """Measure the model on the data and compare each metric with its threshold (value <= threshold passes).
 
     At least one threshold is required; `max_mse` and `max_mae` need a `target` column.
@@ -128,7 +129,7 @@ def check(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = N
         if key in ("mse", "mae") and target is None:
             raise OptionError(f"--max-{key} needs the label column: add --target COL")
     measured = measure(model, data, group=group, groups=groups, target=target, features=features, score=score,
-                       batch_size=batch_size, progress=progress)
+                       batch_size=batch_size, dropna=dropna, progress=progress)
     values = measured.metrics.to_dict()
     results = tuple(ThresholdResult(k, float("nan") if values[k] is None else float(values[k]), float(v))
                     for k, v in given.items())

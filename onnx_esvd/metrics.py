@@ -113,6 +113,7 @@ class OutputCollector:
         self._sq_err = [0.0, 0.0]
         self._abs_err = [0.0, 0.0]
         self.has_target: bool | None = None
+        self.width: int | None = None  # values per row of the scored tensor (set by the pass that fills it)
 
     @property
     def rows(self) -> int:

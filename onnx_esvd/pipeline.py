@@ -81,6 +81,7 @@ class RowCounts:
     skipped: int
     fit: int
     report: int
+    dropped: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class RepairResult:
         layer, final: the repaired node and the refitted final node.
         groups: labels of group 0 and group 1.
         before, after: metrics of the original and repaired models on the report rows.
-        report_rows: "holdout" (rows the fit did not use) or "fit" (--holdout 0).
+        report_rows: "holdout" (rows the fit did not use), "fit" (--holdout 0) or "eval" (the --eval file).
         rows: row counts.
         esvd: the two ESVD steps' details.
         refit: what the refit did, or None when it was skipped (see `refit_note`).
@@ -190,9 +191,11 @@ def repair(
     eps: float = 1e-5,
     refit: Literal["fair", "plain", "none"] = "fair",
     ridge: float | Literal["auto"] = "auto",
-    holdout: float = 0.2,
+    holdout: float | None = None,
     seed: int = 0,
     batch_size: int = 4096,
+    evaluate: Any = None,
+    dropna: bool = False,
     progress: Progress | None = None,
 ) -> RepairResult:
     """Repair one linear node of `model` with explainable SVD and refit the final node.
@@ -211,19 +214,35 @@ def repair(
         c1, c2, eps: ESVD constants (first moment, second moment, ridge of delta delta^T).
         refit: "fair" (ridge least squares with exact output mean parity), "plain", or "none".
         ridge: ridge term of the refit, or "auto" to choose it on a seeded validation part.
-        holdout: share of rows kept out of the fit to measure before/after (0: fit and report on all).
+        holdout: share of rows kept out of the fit to measure before/after (0: fit and report on all). Default
+            0.2, or 0 with `evaluate`.
         seed: seed of the holdout and validation splits.
         batch_size: rows per onnxruntime run.
+        evaluate: a separate evaluation data set (same kinds as `data`): before/after are measured on all its rows,
+            and the fit uses every calibration row.
+        dropna: skip rows with a missing feature, group or target value (counted in the report) instead of
+            refusing the data.
         progress: called as progress(pass_name, rows_done) after each batch.
 
     Returns:
         RepairResult with the new model (`.model`), the metrics and the details.
     """
-    options = RepairOptions(c1=c1, c2=c2, eps=eps, refit=refit, ridge=ridge, holdout=holdout, seed=seed,
-                            batch_size=batch_size, max_drift=max_drift)
-    spec = data_spec(group, groups, target, features, score)
+    options = RepairOptions(c1=c1, c2=c2, eps=eps, refit=refit, ridge=ridge, holdout=resolve_holdout(holdout, evaluate),
+                            seed=seed, batch_size=batch_size, max_drift=max_drift)
+    spec = data_spec(group, groups, target, features, score, dropna)
     loaded = load_model(model)
-    return _repair(loaded, open_table(data), layer, spec, options, progress or (lambda name, rows: None))
+    return _repair(loaded, open_table(data), layer, spec, options, progress or (lambda name, rows: None),
+                   evaluate=None if evaluate is None else open_table(evaluate))
+
+
+def resolve_holdout(holdout: float | None, evaluate: Any) -> float:
+    """The holdout share: 0.2 by default, 0 with a separate evaluation set (which replaces it)."""
+    if evaluate is None:
+        return 0.2 if holdout is None else holdout
+    if holdout not in (None, 0, 0.0):
+        raise OptionError(f"--holdout {holdout} and --eval are alternatives: with --eval the fit uses every "
+                          "calibration row and the report measures the evaluation file")
+    return 0.0
 
 
 @dataclass
@@ -242,6 +261,14 @@ class _Prepared:
     notes: list[str]
     score: Score
     others: list[OtherOutput]
+    report_reader: RowReader  # where before/after are measured: the calibration's holdout, or the --eval file
+    report_holdout: float
+
+    @property
+    def report_rows(self) -> str:
+        if self.report_reader is not self.reader:
+            return "eval"
+        return "holdout" if self.report_holdout > 0 else "fit"
 
     @property
     def original(self) -> onnx.ModelProto:
@@ -249,7 +276,8 @@ class _Prepared:
 
 
 def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: DataSpec, *, holdout: float,
-             batch_size: int, seed: int, progress: Progress, refits: Sequence[str] = ("fair",)) -> _Prepared:
+             batch_size: int, seed: int, progress: Progress, refits: Sequence[str] = ("fair",),
+             evaluate: Table | None = None) -> _Prepared:
     """Pass 1: find the scored output and the layers, read the data, capture the layer's statistics and the
     report rows. Everything that can be refused from the model alone is refused before any data is read."""
     original = loaded.model
@@ -265,12 +293,32 @@ def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Dat
     if any(p.key == METADATA_KEY for p in original.metadata_props):
         notes.append("the input model already carries an onnx_esvd.repair record: this repairs a repaired model "
                      "(the new record replaces the old one)")
-    cap = capture(original, [layer], reader, holdout, progress, score)
+    report_reader = reader
+    if evaluate is not None:
+        report_reader = open_rows(original, evaluate, spec, batch_size=batch_size, seed=seed, groups=reader.index)
+    cap = capture(original, [layer], reader, holdout, progress, score, report=evaluate is None)
     stats = group_stats(cap, layer, reader, notes)
+    if evaluate is not None:
+        reader.index.frozen = True  # the evaluation file is measured on the calibration's groups
+        cap.report = report_outputs(original, report_reader, 0.0, progress, score, first_pass=True)
+        cap.width = cap.report.width
+        if report_reader.skipped:
+            others_seen = ", ".join(sorted(repr(x) for x in report_reader.other_labels))
+            notes.append(f"{report_reader.skipped} rows of {evaluate.name} belong to no compared group "
+                         f"({others_seen}) and were not measured")
+    readers = [(table.name, reader)] + ([(evaluate.name, report_reader)] if evaluate is not None else [])
+    for name, r in readers:
+        for inp in r.by_position():
+            notes.append(f"{name}: no columns are named after model input '{inp.name}', so it was fed the columns "
+                         f"in file order ({', '.join(inp.columns)})")
+        if r.dropped:
+            notes.append(f"{name}: {r.dropped} rows with a missing value were skipped (--dropna)")
     if not cap.report.rows:
-        raise DataError(f"{table.name}: no rows were left for the report; lower --holdout or add rows")
+        where = evaluate.name if evaluate is not None else table.name
+        raise DataError(f"{where}: no rows were left for the report; lower --holdout or add rows")
     return _Prepared(loaded, layer, final, spec, reader, cap, stats, read_weight(original, layer),
-                     capture_metrics(cap, reader), notes, score, others)
+                     capture_metrics(cap, reader), notes, score, others, report_reader,
+                     0.0 if evaluate is not None else holdout)
 
 
 def _check_refit(mode: str, layer: LinearLayer, final: LinearLayer | None, found: Any) -> None:
@@ -305,9 +353,9 @@ def _patched(prep: _Prepared, weight: np.ndarray) -> onnx.ModelProto:
 
 
 def _repair(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: DataSpec, options: RepairOptions,
-            progress: Progress) -> RepairResult:
+            progress: Progress, evaluate: Table | None = None) -> RepairResult:
     prep = _prepare(loaded, table, layer_spec, spec, holdout=options.holdout, batch_size=options.batch_size,
-                    seed=options.seed, progress=progress, refits=(options.refit,))
+                    seed=options.seed, progress=progress, refits=(options.refit,), evaluate=evaluate)
     result = esvd(prep.weight, prep.stats, c1=options.c1, c2=options.c2, eps=options.eps)
     patched = _patched(prep, result.weight)
     refit_report, refit_note = None, _refit_note(options.refit, prep)
@@ -320,11 +368,11 @@ def _repair(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Data
 def _finish(prep: _Prepared, patched: onnx.ModelProto, result: EsvdResult, refit_report, refit_note: str,
             options: RepairOptions, progress: Progress) -> RepairResult:
     """Pass 3 (the report of the repaired model), the result and its metadata record."""
-    reader, h = prep.reader, options.holdout
-    after_values = report_outputs(patched, reader, h, progress, prep.score)
+    reader, rr, h = prep.reader, prep.report_reader, prep.report_holdout
+    after_values = report_outputs(patched, rr, h, progress, prep.score)
     after = capture_metrics(prep.cap, reader, after_values)
     drifts = tuple(dataclasses.replace(d, how=o.how) for o, d in zip(
-        prep.others, output_drift(prep.original, patched, reader, h, [o.name for o in prep.others], progress)))
+        prep.others, output_drift(prep.original, patched, rr, h, [o.name for o in prep.others], progress)))
     notes = list(prep.notes)
     for o, drift in zip(prep.others, drifts):
         if o.how == "distilled" and not drift.relative <= options.max_drift:
@@ -339,9 +387,9 @@ def _finish(prep: _Prepared, patched: onnx.ModelProto, result: EsvdResult, refit
         notes.append(f"the repair made the KS worse on the report rows ({prep.before.ks:.4f} -> {after.ks:.4f}); "
                      "do not ship this model: try another --layer, --refit or more calibration rows")
     counts = RowCounts(total=reader.total, skipped=reader.skipped, fit=prep.stats.n0 + prep.stats.n1,
-                       report=prep.before.rows)
+                       report=prep.before.rows, dropped=reader.dropped)
     res = RepairResult(model=patched, layer=prep.layer, final=prep.final, groups=reader.group_labels(),
-                       before=prep.before, after=after, report_rows="holdout" if h > 0 else "fit", rows=counts,
+                       before=prep.before, after=after, report_rows=prep.report_rows, rows=counts,
                        esvd=result, refit=refit_report, refit_note=refit_note, options=options, data=prep.spec,
                        external_data=prep.loaded.external_data, warnings=tuple(notes),
                        values=(_group_values(prep.cap.report, reader), _group_values(after_values, reader)),

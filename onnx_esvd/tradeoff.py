@@ -19,7 +19,7 @@ from .graph import LinearLayer
 from .metrics import OutputMetrics
 from .modelio import load_model
 from .pipeline import (RepairOptions, RepairResult, _apply_refit, _collect_refit, _patched, _prepare, _refit_note,
-                       repair)
+                       repair, resolve_holdout)
 
 #: The default grid of `sweep` and of `repair --max-ks` (the paper benchmark's grid).
 C1_GRID: tuple[float, ...] = (1, 5, 15, 50, 150)
@@ -86,18 +86,23 @@ def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequen
           target: str | None = None, features: Sequence[str] | None = None, score: str | None = None,
           c1: Sequence[float] | None = None, c2: Sequence[float] | None = None, refit: Sequence[str] | None = None,
           eps: float = 1e-5,
-          ridge: float | Literal["auto"] = "auto", holdout: float = 0.2, seed: int = 0, batch_size: int = 4096,
+          ridge: float | Literal["auto"] = "auto", holdout: float | None = None, seed: int = 0,
+          batch_size: int = 4096, evaluate: Any = None, dropna: bool = False, max_drift: float = 0.05,
           progress: Any = None) -> SweepResult:
-    """Fit every (c1, c2, refit) combination on the fit rows and measure each on the holdout rows."""
+    """Fit every (c1, c2, refit) combination on the fit rows and measure each on the holdout rows (or on every
+    row of `evaluate`)."""
     c1s, c2s = _grid(c1, C1_GRID, "c1"), _grid(c2, C2_GRID, "c2")
     modes = tuple(dict.fromkeys(refit or ("fair",)))
     for mode in modes:
         RepairOptions(refit=mode)  # validates the name
-    options = RepairOptions(eps=eps, ridge=ridge, holdout=holdout, seed=seed, batch_size=batch_size)
-    spec = data_spec(group, groups, target, features, score)
+    holdout = resolve_holdout(holdout, evaluate)
+    options = RepairOptions(eps=eps, ridge=ridge, holdout=holdout, seed=seed, batch_size=batch_size,
+                            max_drift=max_drift)
+    spec = data_spec(group, groups, target, features, score, dropna)
     progress = progress or (lambda name, rows: None)
     prep = _prepare(load_model(model), open_table(data), layer, spec, holdout=holdout, batch_size=batch_size,
-                    seed=seed, progress=progress, refits=modes)
+                    seed=seed, progress=progress, refits=modes,
+                    evaluate=None if evaluate is None else open_table(evaluate))
     points: list[tuple[float, float, str, OutputMetrics]] = []
     for a in c1s:
         for b in c2s:
@@ -114,14 +119,14 @@ def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequen
                     model_m.CopyFrom(patched)
                     if collected is not None:
                         _apply_refit(model_m, prep, collected, mode, options.ridge)
-                after = capture_metrics(prep.cap, prep.reader,
-                                        report_outputs(model_m, prep.reader, holdout, progress, prep.score))
+                after = capture_metrics(prep.cap, prep.reader, report_outputs(
+                    model_m, prep.report_reader, prep.report_holdout, progress, prep.score))
                 points.append((a, b, mode, after))
     flags = pareto_flags([(m.ks, _cost(m)) for *_rest, m in points])
     return SweepResult(layer=prep.layer, groups=prep.reader.group_labels(), before=prep.before,
                        points=tuple(SweepPoint(a, b, mode, m, f, prep.layer.index)
                                     for (a, b, mode, m), f in zip(points, flags)),
-                       report_rows="holdout" if holdout > 0 else "fit", warnings=tuple(prep.notes))
+                       report_rows=prep.report_rows, warnings=tuple(prep.notes))
 
 
 @dataclass(frozen=True)
@@ -179,8 +184,9 @@ def repair_within_budget(model: Any, data: Any, *, layer: int | str, group: str,
         return BudgetResult(None, None, None, closest, budget, result)
     winner = feasible[0]
     runner_up = feasible[1] if len(feasible) > 1 else None
-    options = {k: v for k, v in kwargs.items() if k in ("groups", "features", "score", "eps", "ridge", "holdout", "seed",
-                                                        "batch_size", "progress")}
+    passed = ("groups", "features", "score", "eps", "ridge", "holdout", "seed", "batch_size", "progress", "evaluate",
+              "dropna", "max_drift")
+    options = {k: v for k, v in kwargs.items() if k in passed}
     chosen = repair(model, data, layer=winner.layer, group=group, target=target, c1=winner.c1, c2=winner.c2,
                     refit=winner.refit, **options)
     return BudgetResult(chosen, winner, runner_up, None, budget, result)
@@ -193,14 +199,14 @@ AUTO_CANDIDATES = 2
 
 def auto_layers(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = None,
                 target: str | None = None, features: Sequence[str] | None = None, score: str | None = None,
-                eps: float = 1e-5,
-                batch_size: int = 4096, progress: Any = None, **_ignored: Any) -> list[int]:
+                eps: float = 1e-5, batch_size: int = 4096, dropna: bool = False, progress: Any = None,
+                **_ignored: Any) -> list[int]:
     """The layers `--layer auto` tries: audit's top-ranked ones and the second-last linear node (the paper's
     choice), in that order, without repeats."""
     from .explain import audit
 
     report = audit(model, data, group=group, groups=groups, target=target, features=features, score=score, eps=eps,
-                   batch_size=batch_size, progress=progress)
+                   batch_size=batch_size, dropna=dropna, progress=progress)
     ranked = [a.layer.index for a in report.ranked() if a.rank is not None][:AUTO_CANDIDATES]
     if len(report.layers) >= 2:
         ranked.append(report.layers[-2].layer.index)
@@ -213,7 +219,7 @@ def auto_layers(model: Any, data: Any, *, group: str, groups: Sequence[str] | No
 def repair_auto(model: Any, data: Any, *, group: str, **kwargs: Any) -> RepairResult:
     """`repair` with `--layer auto`: repair each candidate layer with the given options and keep the one with
     the lowest holdout KS (ties: lower MSE)."""
-    keys = ("groups", "target", "features", "score", "eps", "batch_size", "progress")
+    keys = ("groups", "target", "features", "score", "eps", "batch_size", "progress", "dropna")
     candidates = auto_layers(model, data, group=group, **{k: v for k, v in kwargs.items() if k in keys})
     results = [repair(model, data, layer=lay, group=group, **kwargs) for lay in candidates]
     return min(results, key=lambda r: (r.after.ks, r.after.mse if r.after.mse is not None else 0.0))
