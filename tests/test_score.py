@@ -234,3 +234,95 @@ def test_columns_matched_by_name_whatever_their_order():
     assert a.after.ks == b.after.ks and a.after.mse == b.after.mse
     for ta, tb in zip(a.model.graph.initializer, b.model.graph.initializer):
         np.testing.assert_array_equal(numpy_helper.to_array(ta), numpy_helper.to_array(tb))
+
+
+# ------------------------------------------------------------------------------------------------
+# string inputs, a separate evaluation file, missing values
+
+
+def string_input_model() -> onnx.ModelProto:
+    """Inputs `num` float [N, 2] and `cat` string [N, 1] (one-hot encoded in the graph) -> MLP -> y [N, 1]."""
+    rng = np.random.default_rng(3)
+    inits = _weights("l0", 4, 6, rng) + _weights("l1", 6, 5, rng) + _weights("l2", 5, 1, rng)
+    inits.append(numpy_helper.from_array(np.array([-1, 2], dtype=np.int64), "shape2"))
+    nodes = [helper.make_node("OneHotEncoder", ["cat"], ["onehot"], domain="ai.onnx.ml",
+                              cats_strings=["female", "male"], zeros=1),
+             helper.make_node("Reshape", ["onehot", "shape2"], ["oh2"]),
+             helper.make_node("Concat", ["num", "oh2"], ["x"], axis=1),
+             _gemm("x", "l0.w", "l0.b", "h0", "l0"), helper.make_node("Relu", ["h0"], ["h0r"]),
+             _gemm("h0r", "l1.w", "l1.b", "h1", "l1"), helper.make_node("Relu", ["h1"], ["h1r"]),
+             _gemm("h1r", "l2.w", "l2.b", "y", "l2")]
+    graph = helper.make_graph(nodes, "strings", [helper.make_tensor_value_info("num", TensorProto.FLOAT, ["N", 2]),
+                                                 helper.make_tensor_value_info("cat", TensorProto.STRING, ["N", 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)])
+
+
+def string_data(n=900):
+    g = np.where(RNG.random(n) < 0.35, "b", "a")
+    cat = np.where(RNG.random(n) < np.where(g == "b", 0.7, 0.3), "female", "male")
+    num = RNG.normal(size=(n, 2)) + np.where(g == "b", 0.6, 0.0)[:, None]
+    return {"num_0": num[:, 0], "num_1": num[:, 1], "cat": cat, "g": g, "t": num[:, 0] + (cat == "male")}
+
+
+def test_string_model_input_is_fed_strings(tmp_path):
+    d = string_data()
+    model = string_input_model()
+    res = repair(model, d, layer=1, group="g", target="t", holdout=0.3)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = sess.run(["y"], {"num": np.stack([d["num_0"], d["num_1"]], 1).astype(np.float32),
+                         "cat": d["cat"].reshape(-1, 1).astype(object)})[0].ravel()
+    u = __import__("onnx_esvd.capture", fromlist=["row_uniform"]).row_uniform(0, 0, len(y))
+    rep = u < 0.3
+    a, b = y[rep & (d["g"] == "a")], y[rep & (d["g"] == "b")]
+    assert res.before.ks == pytest.approx(ks_statistic(a, b), abs=1e-12)
+    # the same data as a CSV file gives the same repair
+    path = tmp_path / "strings.csv"
+    with open(path, "w") as f:
+        f.write("g,cat,t,num_1,num_0\n")
+        for i in range(len(d["g"])):
+            f.write(f"{d['g'][i]},{d['cat'][i]},{float(d['t'][i])!r},{float(d['num_1'][i])!r},"
+                    f"{float(d['num_0'][i])!r}\n")
+    res_csv = repair(model, path, layer=1, group="g", target="t", holdout=0.3)
+    assert res_csv.after.ks == res.after.ks and res_csv.after.mse == pytest.approx(res.after.mse, rel=1e-12)
+
+
+def test_eval_file_measures_before_and_after_on_all_its_rows():
+    calib, ev = data(n=1200), data(n=700)
+    res = repair(two_head_model(), calib, layer="a1", group="g", score="a_hat", target="y", evaluate=ev)
+    assert res.report_rows == "eval" and res.before.rows == 700 and res.rows.fit == 1200
+    before = run(two_head_model(), ev["x"], ["a_hat"])["a_hat"].ravel()
+    after = run(res.model, ev["x"], ["a_hat"])["a_hat"].ravel()
+    for m, y in ((res.before, before), (res.after, after)):
+        assert m.ks == pytest.approx(ks_statistic(y[ev["g"] == "a"], y[ev["g"] == "b"]), abs=1e-12)
+        assert m.mse == pytest.approx(np.mean((y - ev["y"]) ** 2), rel=1e-6)
+    with pytest.raises(OptionError, match="--holdout 0.3 and --eval are alternatives"):
+        repair(two_head_model(), calib, layer="a1", group="g", score="a_hat", evaluate=ev, holdout=0.3)
+
+
+def test_eval_rows_of_an_unseen_group_are_not_measured():
+    calib, ev = data(n=800), data(n=500)
+    ev["g"] = ev["g"].copy()
+    ev["g"][:40] = "c"
+    res = repair(two_head_model(), calib, layer="a1", group="g", score="a_hat", evaluate=ev)
+    assert res.before.rows == 460
+    assert any("40 rows" in w and "'c'" in w for w in res.warnings)
+
+
+def test_dropna_skips_and_counts_rows_with_missing_values(tmp_path):
+    d = data(n=600)
+    lines = ["x_0,x_1,x_2,g,y"] + [f"{float(a)!r},{float(b)!r},{float(c)!r},{g},{float(y)!r}"
+                                   for (a, b, c), g, y in zip(d["x"], d["g"], d["y"])]
+    lines[5] = lines[5].replace(lines[5].split(",")[1], "", 1)  # a blank feature
+    lines[9] = ",".join(lines[9].split(",")[:3] + ["", lines[9].split(",")[4]])  # a blank group
+    path = tmp_path / "holes.csv"
+    path.write_text("\n".join(lines) + "\n")
+    from onnx_esvd.errors import DataError
+    with pytest.raises(DataError, match="--dropna"):
+        repair(two_head_model(), path, layer="a1", group="g", score="a_hat", target="y")
+    res = repair(two_head_model(), path, layer="a1", group="g", score="a_hat", target="y", dropna=True)
+    assert res.rows.dropped == 2 and res.rows.total == 598
+    clean = {k: np.delete(v, [3, 7], axis=0) for k, v in d.items()}
+    ref = repair(two_head_model(), clean, layer="a1", group="g", score="a_hat", target="y")
+    # row indices (and so the holdout split) stay those of the file, so compare the fit through the weights' shape
+    assert res.rows.fit + res.rows.report == ref.rows.fit + ref.rows.report
