@@ -207,13 +207,37 @@ def auto_layers(model: Any, data: Any, *, group: str, groups: Sequence[str] | No
 
     report = audit(model, data, group=group, groups=groups, target=target, features=features, score=score, eps=eps,
                    batch_size=batch_size, dropna=dropna, progress=progress)
-    ranked = [a.layer.index for a in report.ranked() if a.rank is not None][:AUTO_CANDIDATES]
-    if len(report.layers) >= 2:
-        ranked.append(report.layers[-2].layer.index)
+    own = _own_layers(model, score)
+    ranked = [a.layer.index for a in report.ranked() if a.rank is not None and a.layer.index in own][:AUTO_CANDIDATES]
+    mine = [a for a in report.layers if a.layer.index in own]
+    if len(mine) >= 2:
+        ranked.append(mine[-2].layer.index)
     if not ranked:
         raise OptionError("--layer auto found no layer worth repairing (the only linear node is a single-output "
                           "final node); give --layer")
     return list(dict.fromkeys(ranked))
+
+
+def _own_layers(model: Any, score: str | None) -> set[int]:
+    """Indices of the layers whose repair leaves every other output alone (or changes only outputs computed from
+    the score itself): `--layer auto` tries only these."""
+    from .errors import LayerError
+    from .graph import find_layers
+    from .score import other_outputs, resolve_score
+
+    proto = load_model(model).model
+    scored = resolve_score(proto, score)
+    found = find_layers(proto, scored.tensor)
+    own = set()
+    for layer in found.layers:
+        if not layer.feeds_score:
+            continue
+        try:
+            if all(o.how == "derived" for o in other_outputs(proto, found, layer, found.final, scored)):
+                own.add(layer.index)
+        except LayerError:
+            continue
+    return own
 
 
 def repair_auto(model: Any, data: Any, *, group: str, **kwargs: Any) -> RepairResult:
