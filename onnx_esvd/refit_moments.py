@@ -106,7 +106,7 @@ def _root(ell: np.ndarray, s: np.ndarray, target: float) -> tuple[np.ndarray, fl
     if lmin < 0.0:  # the PD interval ends at a pole mu_e = -1 / lmin
         mu_e = -1.0 / lmin
         hi = None
-        for k in range(1, 80):
+        for k in range(1, 53):  # mu_e (1 - 2^-52) is the last float below the pole
             cand = mu_e * (1.0 - 2.0 ** -k)
             if h(cand) <= 0.0:
                 hi = cand
@@ -179,8 +179,11 @@ def solve_moments(groups: Sequence[Moments], p: int, *, alpha: float, fit_interc
     whitened = scipy.linalg.solve_triangular(chol, half.T, lower=True, check_finite=False)
     whitened = 0.5 * (whitened + whitened.T)          # L^{-1} Dbar L^{-T}
     ell, vecs = np.linalg.eigh(whitened)
-    if ell.size:
-        ell = np.where(np.abs(ell) <= ell.size * _EPS * np.abs(ell).max(), 0.0, ell)
+    # eigenvalues of the gap below the round-off of C_0 - C_1 itself (relative to C_0 + C_1) are zero
+    csum = basis.T @ (g0m.covariance()[:p, :p] + g1m.covariance()[:p, :p]) @ basis
+    csum_w = scipy.linalg.solve_triangular(chol, scipy.linalg.solve_triangular(chol, csum, lower=True).T, lower=True)
+    tol = 8 * max(ell.size, 1) * _EPS * max(np.linalg.norm(csum_w), np.abs(ell).max(initial=0.0))
+    ell = np.where(np.abs(ell) <= tol, 0.0, ell)
     rhs = scipy.linalg.solve_triangular(chol, basis.T @ szt, lower=True, check_finite=False)
     s_all = vecs.T @ rhs                              # [p', m]
 
