@@ -273,3 +273,43 @@ def test_water_level_and_floor():
     assert water_level([10, 1000], 500, 0) == 490
     assert water_level([10, 20], 500, 0) == 20
     assert water_level([400, 1000, 1000], 600, 300) == 300  # the floor wins over the capacity
+
+
+# ----------------------------------------------------------------------------- end to end
+def final_node_rows(seed: int, n: int, p: int = 10):
+    """Final-node inputs z whose groups differ in mean AND spread; targets carry the group signal."""
+    rng = np.random.default_rng(seed)
+    g = (rng.random(n) < 0.3).astype(np.int64)
+    spread = 1.0 + g[:, None] * np.linspace(-0.5, 1.0, p)
+    z = rng.normal(size=(n, p)) * spread + 0.5 * g[:, None] * np.linspace(1, 0, p)
+    t = z @ np.linspace(1.0, -0.5, p)[:, None] + 0.5 * g[:, None] + 0.5 * rng.normal(size=(n, 1))
+    return z, t, g
+
+
+def end_to_end(n_fit: int = 6000, n_test: int = 20000, lam: float = 1.0):
+    """Fit fair, mean+variance (kappa = 0) and CDF-penalised refits; (name -> (test MSE, test KS))."""
+    from onnx_esvd.refit_moments import solve_moments
+
+    p = 10
+    z, t, g = final_node_rows(0, n_fit, p)
+    zt, tt, gt = final_node_rows(1, n_test, p)
+    mo = [Moments(p + 1), Moments(p + 1)]
+    for c in (0, 1):
+        mo[c].add(np.hstack([z[g == c], t[g == c]]))
+    fair = solve(mo[0], mo[1], p, mode="fair", alpha=1e-4, fit_intercept=True)
+    var = solve_moments(mo, p, alpha=1e-4, fit_intercept=True, kappa=0.0)
+    cdf, _ = penalised_fit(z, t, g, Chain([(fair.coef, fair.intercept, "identity")]), lam=lam, kind="cdf",
+                           ridge=1e-4)
+    out = {}
+    for name, predict in (("fair", lambda a: a @ fair.coef.T + fair.intercept),
+                          ("moments", lambda a: a @ var.coef.T + var.intercept), ("cdf", cdf.forward)):
+        y = predict(zt)[:, 0]
+        out[name] = (float(np.mean((y - tt[:, 0]) ** 2)), ks_statistic(y[gt == 0], y[gt == 1]))
+    return out
+
+
+def test_end_to_end_distribution_parity_beats_mean_parity_on_test_rows():
+    res = end_to_end()
+    assert res["moments"][1] < 0.6 * res["fair"][1]
+    assert res["cdf"][1] < 0.6 * res["fair"][1]
+    assert res["moments"][0] < 1.5 * res["fair"][0] and res["cdf"][0] < 1.5 * res["fair"][0]
