@@ -313,3 +313,36 @@ def test_end_to_end_distribution_parity_beats_mean_parity_on_test_rows():
     assert res["moments"][1] < 0.6 * res["fair"][1]
     assert res["cdf"][1] < 0.6 * res["fair"][1]
     assert res["moments"][0] < 1.5 * res["fair"][0] and res["cdf"][0] < 1.5 * res["fair"][0]
+
+
+def test_three_groups_penalty_reduces_max_pairwise_ks():
+    rng = np.random.default_rng(12)
+    n = 3000
+    g = rng.choice(3, size=n, p=[0.5, 0.3, 0.2])
+    x = rng.normal(size=(n, 4)) * (1 + 0.5 * g[:, None]) + 0.4 * g[:, None]
+    t = x @ np.array([[1.0], [0.5], [-0.3], [0.2]]) + 0.3 * rng.normal(size=(n, 1))
+    chain = Chain([(np.zeros((1, 4)), np.zeros(1), "identity")])
+    base, _ = penalised_fit(x, t, g, chain, lam=0.0, ridge=1e-4)
+    for kind in ("cdf", "w2"):
+        new, diag = penalised_fit(x, t, g, base, lam=3.0, kind=kind, ridge=1e-4, maxiter=60)
+        # 4 linear features with group-dependent shapes: a linear refit cannot reach parity, only approach it
+        assert max_pairwise_ks(new.forward(x)[:, 0], g) < 0.85 * max_pairwise_ks(base.forward(x)[:, 0], g), kind
+
+
+def test_choose_lambda_refuses_when_ks_cannot_be_measured():
+    x, t, g = synthetic(13, 200, minority=0.05)  # about 10 minority rows: fewer than 30
+    with pytest.raises(DataError, match="fewer than 2 groups"):
+        choose_lambda(x, t, g, two_layer(9, "relu"), [0.0], budget_ks=0.5, folds=2, maxiter=5)
+
+
+def test_sample_keeps_fold_ids_and_refuses_mixed_batches():
+    rng = np.random.default_rng(2)
+    x, t, g, f = rng.normal(size=(100, 2)), rng.normal(size=100), rng.integers(0, 2, 100), rng.integers(0, 5, 100)
+    sample = StratifiedSample(capacity=60, min_keep_per_group=10, seed=0)
+    sample.add(x[:50], t[:50], g[:50], fold=f[:50])
+    with pytest.raises(DataError, match="fold ids"):
+        sample.add(x[50:], t[50:], g[50:])
+    sample.add(x[50:], t[50:], g[50:], fold=f[50:])
+    res = sample.result()
+    assert np.array_equal(res.fold, f[res.index]) and np.allclose(res.t[:, 0], t[res.index])
+    assert sum(res.kept.values()) == 60
