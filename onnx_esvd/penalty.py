@@ -34,7 +34,6 @@ from typing import Literal, Sequence
 
 import numpy as np
 import scipy.optimize
-import scipy.special
 
 from .chain import Chain
 from .errors import DataError, OptionError
@@ -254,7 +253,8 @@ def _prepare(x, t, group, chain: Chain, weights, score_column: int):
         raise DataError(f"t has {t.shape[1]} columns and group {group.shape[0]} rows; the chain gives "
                         f"{chain.n_outputs} outputs for {n} rows")
     if not 0 <= score_column < chain.n_outputs:
-        raise OptionError(f"score_column={score_column} is not an output column of the chain (0..{chain.n_outputs - 1})")
+        raise OptionError(f"score_column={score_column} is not an output column of the chain "
+                          f"(0..{chain.n_outputs - 1})")
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
     if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise DataError(f"row weights must be {n} finite non-negative numbers with a positive sum")

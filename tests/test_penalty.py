@@ -251,7 +251,8 @@ def test_sample_is_bounded_stratified_and_keeps_minority_rows():
     assert len(res.x) == 3000 and res.x.dtype == np.float32
     assert np.array_equal(res.x, x[res.index]) and np.array_equal(res.group, g[res.index])
     assert np.all(np.diff(res.index) > 0)
-    assert np.allclose(res.weight[res.group == 0], res.seen[0] / res.kept[0]) and np.all(res.weight[res.group == 1] == 1)
+    assert np.allclose(res.weight[res.group == 0], res.seen[0] / res.kept[0])
+    assert np.all(res.weight[res.group == 1] == 1)
 
 
 @settings(max_examples=15, deadline=None)
