@@ -1,0 +1,157 @@
+"""A bounded, group-stratified sample of rows, streamed in batches.
+
+The penalised refits need rows, not moments. What limits the fairness they reach is the number of
+minority rows, so the sample fills groups equally ("water filling"): every group keeps all of its rows
+up to a common level L, and groups with more rows keep a uniform random L of them. L is the largest
+level with `sum_g min(n_g, L) <= capacity`, but never below `min_keep_per_group` (so memory is at
+most about `max(capacity, k * min_keep_per_group)` kept rows, plus one batch in flight).
+
+Which rows are kept depends only on the seed and on each row's global index (its position in the
+stream), not on batch boundaries: a row's priority is a 64-bit hash of (seed, index), a group keeps
+its L smallest priorities, and L only falls as rows arrive, so a row dropped early would never have
+been kept at the end. Each kept row carries the weight `n_g / kept_g` (how many seen rows it stands
+for), so population averages (the MSE term of a refit) can be restored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DataError, OptionError
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x += np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def row_priority(index: np.ndarray, seed: int) -> np.ndarray:
+    """Deterministic pseudo-random priority `[n] uint64` of global row indices `[n]` for a seed."""
+    with np.errstate(over="ignore"):
+        salted = np.asarray(index, dtype=np.uint64) ^ _splitmix64(np.array([seed], dtype=np.uint64))[0]
+    return _splitmix64(salted)
+
+
+def water_level(counts: list[int], capacity: int, floor: int) -> int:
+    """Largest L with `sum min(n_g, L) <= capacity`, at least `floor` (counts: rows seen per group)."""
+    if sum(counts) <= capacity:
+        return max(max(counts, default=0), floor)
+    ordered = sorted(counts)
+    left, k = capacity, len(ordered)
+    for i, c in enumerate(ordered):
+        share = left // (k - i)
+        if c >= share:
+            return max(share, floor)
+        left -= c
+    return max(ordered[-1], floor)  # not reached
+
+
+@dataclass(frozen=True)
+class RowSample:
+    """The kept rows, in stream order.
+
+    Attributes:
+        x: [n, p] (dtype as given), t: [n, m] float64, group: [n] int64, fold: [n] int64 or None,
+        index: [n] int64 global row index, weight: [n] float64 (= seen_g / kept_g of the row's group),
+        seen, kept: rows seen and kept per group code.
+    """
+
+    x: np.ndarray
+    t: np.ndarray
+    group: np.ndarray
+    fold: np.ndarray | None
+    index: np.ndarray
+    weight: np.ndarray
+    seen: dict[int, int]
+    kept: dict[int, int]
+
+
+class StratifiedSample:
+    """Streaming group-stratified reservoir: `add` batches, then `result()`."""
+
+    def __init__(self, capacity: int = 200_000, min_keep_per_group: int = 5_000, seed: int = 0) -> None:
+        if capacity < 1 or min_keep_per_group < 0:
+            raise OptionError(f"sample capacity {capacity} must be >= 1 and min_keep_per_group "
+                              f"{min_keep_per_group} >= 0")
+        self.capacity, self.min_keep, self.seed = int(capacity), int(min_keep_per_group), int(seed)
+        self._rows = 0
+        self._seen: dict[int, int] = {}
+        self._chunks: dict[int, list[tuple]] = {}
+        self._buffered: dict[int, int] = {}
+        self._has_fold: bool | None = None
+        self._width: tuple[int, int] | None = None
+
+    @property
+    def seen(self) -> dict[int, int]:
+        return dict(sorted(self._seen.items()))
+
+    def level(self) -> int:
+        """Current per-group level L (rows kept per group that has more)."""
+        return water_level(list(self._seen.values()), self.capacity, self.min_keep)
+
+    def add(self, x: np.ndarray, t: np.ndarray, group: np.ndarray, fold: np.ndarray | None = None) -> None:
+        """Add a batch: `x: [n, p]`, `t: [n, m]` (or [n]), `group: [n]` int codes, `fold: [n]` int or None."""
+        x = np.asarray(x)
+        n = x.shape[0]
+        t = np.asarray(t, dtype=np.float64).reshape(n, -1)
+        group = np.asarray(group).ravel()
+        if group.shape[0] != n or t.shape[0] != n:
+            raise DataError(f"batch has {n} rows of x but {t.shape[0]} targets and {group.shape[0]} group codes")
+        if not np.issubdtype(group.dtype, np.integer):
+            raise DataError(f"group codes must be integers, got dtype {group.dtype}")
+        if self._has_fold is None:
+            self._has_fold = fold is not None
+            self._width = (x.shape[1], t.shape[1])
+        if (fold is not None) != self._has_fold:
+            raise DataError("fold ids must be given for every batch or for none")
+        if (x.shape[1], t.shape[1]) != self._width:
+            raise DataError(f"batch widths {(x.shape[1], t.shape[1])} differ from the first batch's {self._width}")
+        fold = None if fold is None else np.asarray(fold, dtype=np.int64).ravel()
+        index = np.arange(self._rows, self._rows + n, dtype=np.int64)
+        self._rows += n
+        prio = row_priority(index, self.seed)
+        codes, inverse = np.unique(group, return_inverse=True)
+        for c, code in enumerate(codes.tolist()):
+            sel = np.flatnonzero(inverse == c)
+            self._seen[code] = self._seen.get(code, 0) + sel.size
+            chunk = (x[sel], t[sel], None if fold is None else fold[sel], index[sel], prio[sel])
+            self._chunks.setdefault(code, []).append(chunk)
+            self._buffered[code] = self._buffered.get(code, 0) + sel.size
+        level = self.level()
+        for code in self._chunks:
+            if self._buffered[code] > 2 * level:
+                self._trim(code, level)
+
+    def _trim(self, code: int, level: int) -> None:
+        chunks = self._chunks[code]
+        parts = [np.concatenate([c[i] for c in chunks]) if chunks[0][i] is not None else None for i in range(5)]
+        if parts[4].size > level:
+            keep = np.sort(np.argpartition(parts[4], level - 1)[:level]) if level > 0 else np.array([], int)
+            parts = [None if p is None else p[keep] for p in parts]
+        self._chunks[code] = [tuple(parts)]
+        self._buffered[code] = parts[4].size
+
+    def result(self) -> RowSample:
+        """The kept rows of every group, sorted by global row index."""
+        if not self._seen:
+            raise DataError("the row sample is empty: no rows were added")
+        level = self.level()
+        for code in self._chunks:
+            self._trim(code, level)
+        codes = sorted(self._chunks)
+        parts = [self._chunks[c][0] for c in codes]
+        kept = {c: int(p[4].size) for c, p in zip(codes, parts)}
+        group = np.concatenate([np.full(kept[c], c, dtype=np.int64) for c in codes])
+        weight = np.concatenate([np.full(kept[c], self._seen[c] / kept[c]) for c in codes if kept[c]])
+        index = np.concatenate([p[3] for p in parts])
+        order = np.argsort(index, kind="stable")
+        fold = np.concatenate([p[2] for p in parts])[order] if self._has_fold else None
+        return RowSample(x=np.concatenate([p[0] for p in parts])[order], t=np.concatenate([p[1] for p in parts])[order],
+                         group=group[order], fold=fold, index=index[order], weight=weight[order],
+                         seen={c: self._seen[c] for c in codes}, kept=kept)
