@@ -51,7 +51,7 @@ def group_moments(z, t) -> Moments:
 
 
 def lib_solve(z0, z1, t0, t1, *, mode, alpha, fit_intercept) -> RefitSolution:
-    return solve(group_moments(z0, t0), group_moments(z1, t1), z0.shape[1], mode=mode, alpha=alpha,
+    return solve([group_moments(z0, t0), group_moments(z1, t1)], z0.shape[1], mode=mode, alpha=alpha,
                  fit_intercept=fit_intercept)
 
 
