@@ -286,7 +286,8 @@ class OutputCollector:
         rng = np.random.default_rng(seed)
         ks_b, gap_b, mse_b = np.empty(resamples), np.empty(resamples), np.empty(resamples)
         for b in range(resamples):
-            mult = [np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64) for n in sizes]
+            mult = [np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64) if n else np.zeros(0)
+                    for n in sizes]
             sub = [mult[g] for g in counted]
             ks_b[b] = max(po.max_pairwise(sub) for po in pooled)
             gap = 0.0
