@@ -16,7 +16,7 @@ import numpy as np
 import scipy.linalg
 import scipy.optimize
 
-from .stats import GroupStats
+from .stats import GroupStats, GroupWeights
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def pair_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return g, h, prod / prod.sum()
 
 
-def pooled_second_moment_factor(stats: GroupStats, weights: str = "size") -> tuple[np.ndarray, np.ndarray]:
+def pooled_second_moment_factor(stats: GroupStats, weights: GroupWeights = "size") -> tuple[np.ndarray, np.ndarray]:
     """Factor S = U_r diag(s_r) of P = sum_{g<h} omega_gh |C_g - C_h| (ALGORITHM.md, more than two groups).
 
     k = 2: exactly `second_moment_factor(C_0, C_1)` (eigenvectors of C_0 - C_1, any weights). k >= 3: the
@@ -192,7 +192,7 @@ def pooled_second_moment_factor(stats: GroupStats, weights: str = "size") -> tup
 
 
 def second_moment_step(weight: np.ndarray, stats: GroupStats, c2: float,
-                       weights: str = "size") -> tuple[np.ndarray, StepReport]:
+                       weights: GroupWeights = "size") -> tuple[np.ndarray, StepReport]:
     """Step 1: shrink the covariance disparity bound sum sigma_i(W S)^4 by the factor c2 (S: pooled factor)."""
     if c2 == 1.0:
         return weight.copy(), _skipped(c2, 4)
@@ -228,7 +228,7 @@ def mean_gap_factor(delta: np.ndarray, eps: float) -> np.ndarray:
     return scipy.linalg.cholesky(m, lower=True, check_finite=False)
 
 
-def mean_gap_rows(stats: GroupStats, weights: str = "size") -> np.ndarray:
+def mean_gap_rows(stats: GroupStats, weights: GroupWeights = "size") -> np.ndarray:
     """The first moment's gap: `delta = mu_0 - mu_1: [d]` for k = 2, else Delta: [k, d] with rows
     sqrt(w_g / tau) (mu_g - mubar), mubar = sum w_g mu_g, so that Delta^T Delta =
     sum_{g<h} omega_gh (mu_g - mu_h)(mu_g - mu_h)^T (= delta delta^T at k = 2)."""
@@ -240,7 +240,7 @@ def mean_gap_rows(stats: GroupStats, weights: str = "size") -> np.ndarray:
 
 
 def first_moment_step(weight: np.ndarray, stats: GroupStats, c1: float, eps: float,
-                      weights: str = "size") -> tuple[np.ndarray, StepReport]:
+                      weights: GroupWeights = "size") -> tuple[np.ndarray, StepReport]:
     """Step 2: shrink the mean disparity bound sum sigma_i(W S)^2 by the factor c1."""
     if c1 == 1.0:
         return weight.copy(), _skipped(c1, 2)
@@ -264,7 +264,7 @@ def first_moment_step(weight: np.ndarray, stats: GroupStats, c1: float, eps: flo
 
 
 def esvd(weight: np.ndarray, stats: GroupStats, *, c1: float = 15.0, c2: float = 150.0,
-         eps: float = 1e-5, weights: str = "size") -> EsvdResult:
+         eps: float = 1e-5, weights: GroupWeights = "size") -> EsvdResult:
     """Run step 1 (second moment, c2) then step 2 (first moment, c1) on `weight: [m, d]`, k >= 2 groups.
 
     `weights`: group weights "size" (n_g / n) or "equal" (1 / k); no effect for k = 2.
@@ -319,7 +319,7 @@ def _share(power: np.ndarray, top: int) -> float:
 
 
 def disparity_view(weight: np.ndarray, stats: GroupStats, *, eps: float = 1e-5, top: int = 3,
-                   weights: str = "size") -> tuple[MomentGap, MomentGap]:
+                   weights: GroupWeights = "size") -> tuple[MomentGap, MomentGap]:
     """First- and second-moment gaps of the output of `W: [m, d]` and their SVD bounds (ALGORITHM.md).
 
     k >= 2 groups; for k = 2 the values are the binary ones (and do not depend on `weights`).

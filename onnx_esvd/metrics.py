@@ -246,7 +246,7 @@ class OutputCollector:
             gaps = means.max(axis=0) - means.min(axis=0)
         else:
             gaps = np.array([np.nan])
-        cells = self.rows * cols
+        cells = sum(counts) * cols
         sq_total = sum(self._sq_err[c] for c in order)
         abs_total = sum(self._abs_err[c] for c in order)
         rows_counted = sum(counts[g] for g in counted)
@@ -259,7 +259,7 @@ class OutputCollector:
             mean_gap=float(np.max(gaps)),
             mse=sq_total / cells if target and cells else None,
             mae=abs_total / cells if target and cells else None,
-            rows=self.rows,
+            rows=sum(counts),
             groups=tuple(summaries),
             ks_per_column=tuple(ks_cols),
             ks_pair=(str(labels[g_a]), str(labels[g_h])),

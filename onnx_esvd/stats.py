@@ -6,9 +6,12 @@ Memory is O(d^2) per group whatever the number of rows: each batch is reduced at
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
+
+#: Group weights: "size" w_g = n_g / n, "equal" w_g = 1 / k.
+GroupWeights = Literal["size", "equal"]
 
 
 class Moments:
@@ -135,7 +138,7 @@ class GroupStats:
             moments.append(m)
         return GroupStats.from_moments(moments, labels)
 
-    def weights(self, kind: str = "size") -> np.ndarray:
+    def weights(self, kind: GroupWeights = "size") -> np.ndarray:
         """Group weights w: [k] float64 summing to 1: "size" w_g = n_g / n, "equal" w_g = 1 / k."""
         if kind == "size":
             return self.counts / float(self.counts.sum())
@@ -183,9 +186,11 @@ class LayerStats(GroupStats):
     """The two-group case of `GroupStats` (binary callers): `from_moments(g0, g1)`, `from_arrays(x0, x1)`."""
 
     @classmethod
-    def from_moments(cls, g0: Moments, g1: Moments, labels: Sequence[str] | None = None) -> "GroupStats":  # type: ignore[override]
+    def from_moments(  # type: ignore[override]
+            cls, g0: Moments, g1: Moments, labels: Sequence[str] | None = None) -> GroupStats:
         return GroupStats.from_moments([g0, g1], labels)
 
     @classmethod
-    def from_arrays(cls, x0: np.ndarray, x1: np.ndarray, labels: Sequence[str] | None = None) -> "GroupStats":  # type: ignore[override]
+    def from_arrays(  # type: ignore[override]
+            cls, x0: np.ndarray, x1: np.ndarray, labels: Sequence[str] | None = None) -> GroupStats:
         return GroupStats.from_arrays(x0, x1, labels=labels)
