@@ -166,6 +166,9 @@ def pair_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return g, h, prod / prod.sum()
 
 
+_PairEig = tuple[int, int, float, np.ndarray, np.ndarray]  # (g, h, omega_gh, Q_r, Lambda_r)
+
+
 def pooled_second_moment_factor(stats: GroupStats, weights: GroupWeights = "size") -> tuple[np.ndarray, np.ndarray]:
     """Factor S = U_r diag(s_r) of P = sum_{g<h} omega_gh |C_g - C_h| (ALGORITHM.md, more than two groups).
 
@@ -176,18 +179,23 @@ def pooled_second_moment_factor(stats: GroupStats, weights: GroupWeights = "size
     """
     if stats.k == 2:
         return second_moment_factor(stats.covs[0], stats.covs[1])
-    d = stats.dim
-    first, second, omega = pair_weights(stats.weights(weights))
-    blocks = []
-    for g, h, om in zip(first, second, omega):
-        q, s_abs = second_moment_factor(stats.covs[g], stats.covs[h])
-        if s_abs.size:
-            blocks.append(q * (np.sqrt(om) * s_abs))
+    return _stacked_factor(stats.dim, _pair_eigs(stats, weights))
+
+
+def _pair_eigs(stats: GroupStats, weights: GroupWeights) -> list[_PairEig]:
+    """(g, h, omega_gh, Q_r [d, r], Lambda_r [r]) of D_gh = C_g - C_h for every pair g < h."""
+    return [(int(g), int(h), float(om), *second_moment_eig(stats.covs[g], stats.covs[h]))
+            for g, h, om in zip(*pair_weights(stats.weights(weights)))]
+
+
+def _stacked_factor(d: int, pairs: list[_PairEig]) -> tuple[np.ndarray, np.ndarray]:
+    """Thin SVD of the stacked [sqrt(omega_gh) Q_r |Lambda_r|^{1/2}] (d x R), cut at s^2 > d eps max s^2."""
+    blocks = [q * np.sqrt(om * np.abs(lam)) for _, _, om, q, lam in pairs if lam.size]
     if not blocks:
         return np.zeros((d, 0)), np.zeros(0)
     u, s, _ = np.linalg.svd(np.hstack(blocks), full_matrices=False)
     sq = s * s
-    keep = sq > d * np.finfo(np.float64).eps * (float(sq.max()) if sq.size else 0.0)
+    keep = sq > d * np.finfo(np.float64).eps * float(sq.max())
     return u[:, keep], s[keep]
 
 
@@ -352,13 +360,13 @@ def disparity_view(weight: np.ndarray, stats: GroupStats, *, eps: float = 1e-5, 
         gap2 = float(np.linalg.norm((a * np.sign(lam)) @ a.T))
     else:
         gap2 = 0.0
-        for g, h, om in zip(*pair_weights(stats.weights(weights))):
-            qg, lg = second_moment_eig(covs[g], covs[h])
+        eigs = _pair_eigs(stats, weights)
+        for g, h, om, qg, lg in eigs:
             b = w @ qg
-            value = float(om) * float(np.linalg.norm((b * lg) @ b.T))
+            value = om * float(np.linalg.norm((b * lg) @ b.T))
             if pair is None or value > gap2:
                 gap2, pair = value, (stats.labels[g], stats.labels[h])
-        q, s_abs = pooled_second_moment_factor(stats, weights)
+        q, s_abs = _stacked_factor(stats.dim, eigs)
         a = (w @ q) * s_abs
     bound2 = float(np.linalg.norm(a @ a.T))  # = (sum sigma^4)^(1/2); k = 2: equal to gap2 when D is semidefinite
     sigma2 = np.linalg.svd(a, compute_uv=False) if a.size else np.zeros(0)
