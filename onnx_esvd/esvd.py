@@ -1,7 +1,10 @@
-"""The two explainable-SVD steps of ALGORITHM.md, on arrays only (no ONNX here).
+"""The two explainable-SVD steps of ALGORITHM.md for k >= 2 groups, on arrays only (no ONNX here).
 
 Conventions: `W: [m, d] float64` maps a layer input `x: [d]` to `W x`; statistics come from
-`LayerStats` (group means, unbiased group covariances, uncentred Gram matrix of both groups).
+`GroupStats` (group means, unbiased group covariances, uncentred Gram matrix of all rows). Group
+weights `w_g` ("size": n_g / n, "equal": 1 / k), `tau = sum_{g<h} w_g w_h`, pair weights
+`omega_gh = w_g w_h / tau`. For k = 2 every factor is built exactly as in the binary method
+(`eig(C_0 - C_1)`, `delta delta^T`), so the result does not depend on the weights.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import numpy as np
 import scipy.linalg
 import scipy.optimize
 
-from .stats import LayerStats
+from .stats import GroupStats, GroupWeights
 
 
 @dataclass(frozen=True)
@@ -153,11 +156,55 @@ def second_moment_factor(cov0: np.ndarray, cov1: np.ndarray) -> tuple[np.ndarray
     return q, np.sqrt(np.abs(lam))
 
 
-def second_moment_step(weight: np.ndarray, stats: LayerStats, c2: float) -> tuple[np.ndarray, StepReport]:
-    """Step 1: shrink the covariance disparity bound sum sigma_i(W S)^4 by the factor c2."""
+def pair_weights(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs g < h of k groups and their weights omega_gh = w_g w_h / tau (summing to 1).
+
+    Returns (first [K], second [K], omega [K]) with K = k (k - 1) / 2, pairs in lexicographic order.
+    """
+    g, h = np.triu_indices(w.shape[0], 1)
+    prod = w[g] * w[h]
+    return g, h, prod / prod.sum()
+
+
+_PairEig = tuple[int, int, float, np.ndarray, np.ndarray]  # (g, h, omega_gh, Q_r, Lambda_r)
+
+
+def pooled_second_moment_factor(stats: GroupStats, weights: GroupWeights = "size") -> tuple[np.ndarray, np.ndarray]:
+    """Factor S = U_r diag(s_r) of P = sum_{g<h} omega_gh |C_g - C_h| (ALGORITHM.md, more than two groups).
+
+    k = 2: exactly `second_moment_factor(C_0, C_1)` (eigenvectors of C_0 - C_1, any weights). k >= 3: the
+    pairwise factors S_gh = Q_r |Lambda_r|^{1/2} (binary tolerance each) are stacked as
+    [sqrt(omega_gh) S_gh] (d x R), whose thin SVD U s R^T gives U_r, s_r for s^2 > d eps max s^2; P is
+    never formed. Returns (U_r [d, r] orthonormal, s_r [r] > 0): S = U_r diag(s_r), S^+ = diag(1/s_r) U_r^T.
+    """
+    if stats.k == 2:
+        return second_moment_factor(stats.covs[0], stats.covs[1])
+    return _stacked_factor(stats.dim, _pair_eigs(stats, weights))
+
+
+def _pair_eigs(stats: GroupStats, weights: GroupWeights) -> list[_PairEig]:
+    """(g, h, omega_gh, Q_r [d, r], Lambda_r [r]) of D_gh = C_g - C_h for every pair g < h."""
+    return [(int(g), int(h), float(om), *second_moment_eig(stats.covs[g], stats.covs[h]))
+            for g, h, om in zip(*pair_weights(stats.weights(weights)))]
+
+
+def _stacked_factor(d: int, pairs: list[_PairEig]) -> tuple[np.ndarray, np.ndarray]:
+    """Thin SVD of the stacked [sqrt(omega_gh) Q_r |Lambda_r|^{1/2}] (d x R), cut at s^2 > d eps max s^2."""
+    blocks = [q * np.sqrt(om * np.abs(lam)) for _, _, om, q, lam in pairs if lam.size]
+    if not blocks:
+        return np.zeros((d, 0)), np.zeros(0)
+    u, s, _ = np.linalg.svd(np.hstack(blocks), full_matrices=False)
+    sq = s * s
+    keep = sq > d * np.finfo(np.float64).eps * float(sq.max())
+    return u[:, keep], s[keep]
+
+
+def second_moment_step(weight: np.ndarray, stats: GroupStats, c2: float,
+                       weights: GroupWeights = "size") -> tuple[np.ndarray, StepReport]:
+    """Step 1: shrink the covariance disparity bound sum sigma_i(W S)^4 by the factor c2 (S: pooled factor)."""
     if c2 == 1.0:
         return weight.copy(), _skipped(c2, 4)
-    q, s_abs = second_moment_factor(stats.cov0, stats.cov1)
+    q, s_abs = pooled_second_moment_factor(stats, weights)
     if s_abs.size == 0:
         return weight.copy(), _skipped(c2, 4)
     ws = (weight @ q) * s_abs  # W S, [m, r]
@@ -178,19 +225,34 @@ def second_moment_step(weight: np.ndarray, stats: LayerStats, c2: float) -> tupl
 
 
 def mean_gap_factor(delta: np.ndarray, eps: float) -> np.ndarray:
-    """Lower Cholesky factor S of M = delta delta^T + eps I, [d, d]."""
-    d = delta.shape[0]
-    m = np.outer(delta, delta)
+    """Lower Cholesky factor S of M = B + eps I, [d, d].
+
+    `delta: [d]` gives B = delta delta^T (two groups); `delta: [q, d]` (the stacked Delta) gives
+    B = Delta^T Delta.
+    """
+    d = delta.shape[-1]
+    m = np.outer(delta, delta) if delta.ndim == 1 else delta.T @ delta
     m[np.diag_indices(d)] += eps
     return scipy.linalg.cholesky(m, lower=True, check_finite=False)
 
 
-def first_moment_step(weight: np.ndarray, stats: LayerStats, c1: float, eps: float) -> tuple[np.ndarray, StepReport]:
+def mean_gap_rows(stats: GroupStats, weights: GroupWeights = "size") -> np.ndarray:
+    """The first moment's gap: `delta = mu_0 - mu_1: [d]` for k = 2, else Delta: [k, d] with rows
+    sqrt(w_g / tau) (mu_g - mubar), mubar = sum w_g mu_g, so that Delta^T Delta =
+    sum_{g<h} omega_gh (mu_g - mu_h)(mu_g - mu_h)^T (= delta delta^T at k = 2)."""
+    if stats.k == 2:
+        return stats.means[0] - stats.means[1]
+    w = stats.weights(weights)
+    tau = 0.5 * (1.0 - float(np.sum(w * w)))
+    return np.sqrt(w / tau)[:, None] * (stats.means - w @ stats.means)
+
+
+def first_moment_step(weight: np.ndarray, stats: GroupStats, c1: float, eps: float,
+                      weights: GroupWeights = "size") -> tuple[np.ndarray, StepReport]:
     """Step 2: shrink the mean disparity bound sum sigma_i(W S)^2 by the factor c1."""
     if c1 == 1.0:
         return weight.copy(), _skipped(c1, 2)
-    delta = stats.mean0 - stats.mean1
-    s = mean_gap_factor(delta, eps)
+    s = mean_gap_factor(mean_gap_rows(stats, weights), eps)
     ws = weight @ s
     u, sigma, vt = np.linalg.svd(ws, full_matrices=False)
     if not np.any(sigma > 0):
@@ -209,16 +271,20 @@ def first_moment_step(weight: np.ndarray, stats: LayerStats, c1: float, eps: flo
     return new, report
 
 
-def esvd(weight: np.ndarray, stats: LayerStats, *, c1: float = 15.0, c2: float = 150.0,
-         eps: float = 1e-5) -> EsvdResult:
-    """Run step 1 (second moment, c2) then step 2 (first moment, c1) on `weight: [m, d]`."""
+def esvd(weight: np.ndarray, stats: GroupStats, *, c1: float = 15.0, c2: float = 150.0,
+         eps: float = 1e-5, weights: GroupWeights = "size") -> EsvdResult:
+    """Run step 1 (second moment, c2) then step 2 (first moment, c1) on `weight: [m, d]`, k >= 2 groups.
+
+    `weights`: group weights "size" (n_g / n) or "equal" (1 / k); no effect for k = 2.
+    """
     if c1 < 1 or c2 < 1:
         raise ValueError(f"c1 and c2 must be >= 1 (got c1={c1}, c2={c2})")
     if not eps > 0:
         raise ValueError(f"eps must be > 0 so that delta delta^T + eps I is invertible (got {eps})")
+    stats.weights(weights)  # validates the name
     w = np.asarray(weight, dtype=np.float64)
-    w1, second = second_moment_step(w, stats, float(c2))
-    w2, first = first_moment_step(w1, stats, float(c1), float(eps))
+    w1, second = second_moment_step(w, stats, float(c2), weights)
+    w2, first = first_moment_step(w1, stats, float(c1), float(eps), weights)
     return EsvdResult(weight=w2, weight_step1=w1, second=second, first=first)
 
 
@@ -227,13 +293,17 @@ class MomentGap:
     """The explainable-SVD view of one moment's between-group gap at a layer's output.
 
     Attributes:
-        gap: first moment ||W delta||^2; second moment ||W D W^T||_F (D on its numerical range).
+        gap: first moment ||W Delta^T||_F^2 = sum_{g<h} omega_gh ||W (mu_g - mu_h)||^2 (k = 2: ||W delta||^2);
+            second moment max_{g<h} omega_gh ||W D_gh W^T||_F with D_gh = C_g - C_h on its numerical
+            range (k = 2: ||W D W^T||_F).
         bound: the SVD bound of `gap`: sum sigma_i(W S)^2 (first moment, = gap + eps ||W||_F^2) or
-            ||W S||_{S4}^2 = (sum sigma_i^4)^(1/2) (second moment); gap <= bound.
+            ||W S||_{S4}^2 = (sum sigma_i^4)^(1/2) with S the pooled factor (second moment); gap <= bound.
         top_share: share of sum sigma^p (p = 2, 4) carried by the top `top` singular directions.
-        relative: gap relative to the layer output's within-group spread: ||W delta||^2 / tr(W C W^T)
-            or ||W D W^T||_F / ||W C W^T||_F, with C the pooled within-group covariance.
+        relative: gap relative to the layer output's within-group spread: gap / tr(W C W^T) (first moment)
+            or gap / ||W C W^T||_F (second), with C the pooled within-group covariance
+            sum_g (n_g - 1) C_g / (n - k).
         sigma: the leading singular values of W S (at most `top`).
+        pair: second moment with k >= 3 groups: the labels of the pair attaining `gap`; else None.
     """
 
     gap: float
@@ -241,10 +311,14 @@ class MomentGap:
     top_share: float
     relative: float
     sigma: tuple[float, ...]
+    pair: tuple[str, str] | None = None
 
     def to_dict(self) -> dict:
-        return {"gap": self.gap, "bound": self.bound, "top_share": self.top_share, "relative": self.relative,
-                "top_sigma": list(self.sigma)}
+        out = {"gap": self.gap, "bound": self.bound, "top_share": self.top_share, "relative": self.relative,
+               "top_sigma": list(self.sigma)}
+        if self.pair is not None:
+            out["pair"] = list(self.pair)
+        return out
 
 
 def _share(power: np.ndarray, top: int) -> float:
@@ -252,31 +326,52 @@ def _share(power: np.ndarray, top: int) -> float:
     return float(np.sum(power[:top]) / total) if total > 0 else 0.0
 
 
-def disparity_view(weight: np.ndarray, stats: LayerStats, *, eps: float = 1e-5,
-                   top: int = 3) -> tuple[MomentGap, MomentGap]:
+def disparity_view(weight: np.ndarray, stats: GroupStats, *, eps: float = 1e-5, top: int = 3,
+                   weights: GroupWeights = "size") -> tuple[MomentGap, MomentGap]:
     """First- and second-moment gaps of the output of `W: [m, d]` and their SVD bounds (ALGORITHM.md).
 
+    k >= 2 groups; for k = 2 the values are the binary ones (and do not depend on `weights`).
     Returns (first moment, second moment).
     """
     w = np.asarray(weight, dtype=np.float64)
-    pooled = ((stats.n0 - 1) * stats.cov0 + (stats.n1 - 1) * stats.cov1) / max(stats.n0 + stats.n1 - 2, 1)
+    n, covs, k = stats.counts, stats.covs, stats.k
+    pooled = (int(n[0]) - 1) * covs[0]
+    for g in range(1, k):
+        pooled = pooled + (int(n[g]) - 1) * covs[g]
+    pooled = pooled / max(int(n.sum()) - k, 1)
     spread = w @ pooled @ w.T
 
-    delta = stats.mean0 - stats.mean1
-    wd = w @ delta
-    gap1 = float(wd @ wd)
-    sigma1 = np.linalg.svd(w @ mean_gap_factor(delta, eps), compute_uv=False)
+    rows = mean_gap_rows(stats, weights)
+    if rows.ndim == 1:
+        wd = w @ rows
+        gap1 = float(wd @ wd)
+    else:
+        wd = w @ rows.T
+        gap1 = float(np.sum(wd * wd))
+    sigma1 = np.linalg.svd(w @ mean_gap_factor(rows, eps), compute_uv=False)
     trace = float(np.trace(spread))
     first = MomentGap(gap=gap1, bound=gap1 + eps * float(np.sum(w * w)), top_share=_share(sigma1**2, top),
                       relative=gap1 / trace if trace > 0 else 0.0, sigma=tuple(float(v) for v in sigma1[:top]))
 
-    q, lam = second_moment_eig(stats.cov0, stats.cov1)
-    a = (w @ q) * np.sqrt(np.abs(lam))  # W S, [m, r]
-    gap2 = float(np.linalg.norm((a * np.sign(lam)) @ a.T))
-    bound2 = float(np.linalg.norm(a @ a.T))  # = (sum sigma^4)^(1/2); equal to gap2 when D is semidefinite
+    pair = None
+    if k == 2:
+        q, lam = second_moment_eig(covs[0], covs[1])
+        a = (w @ q) * np.sqrt(np.abs(lam))  # W S, [m, r]
+        gap2 = float(np.linalg.norm((a * np.sign(lam)) @ a.T))
+    else:
+        gap2 = 0.0
+        eigs = _pair_eigs(stats, weights)
+        for g, h, om, qg, lg in eigs:
+            b = w @ qg
+            value = om * float(np.linalg.norm((b * lg) @ b.T))
+            if pair is None or value > gap2:
+                gap2, pair = value, (stats.labels[g], stats.labels[h])
+        q, s_abs = _stacked_factor(stats.dim, eigs)
+        a = (w @ q) * s_abs
+    bound2 = float(np.linalg.norm(a @ a.T))  # = (sum sigma^4)^(1/2); k = 2: equal to gap2 when D is semidefinite
     sigma2 = np.linalg.svd(a, compute_uv=False) if a.size else np.zeros(0)
     norm_spread = float(np.linalg.norm(spread))
     second = MomentGap(gap=gap2, bound=bound2, top_share=_share(sigma2**4, top),
                        relative=gap2 / norm_spread if norm_spread > 0 else 0.0,
-                       sigma=tuple(float(v) for v in sigma2[:top]))
+                       sigma=tuple(float(v) for v in sigma2[:top]), pair=pair)
     return first, second

@@ -1,36 +1,37 @@
-"""Output metrics between the two groups: exact KS, mean gap, per-group summaries, MSE and MAE."""
+"""Output metrics between k >= 2 groups: max pairwise exact KS, KS to everyone, mean gap, per-group
+summaries, MSE and MAE, with the KS noise floor and optional bootstrap intervals."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import numpy as np
 
+from .ks import PooledOrder, ks_critical, ks_max_pairwise, ks_noise_floor, ks_statistic, ks_to_overall
 
-def ks_statistic(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 18) -> float:
-    """Exact two-sample Kolmogorov-Smirnov statistic sup_t |F_a(t) - F_b(t)| (no binning).
+__all__ = ["GroupSummary", "OutputMetrics", "OutputCollector", "output_metrics", "ks_statistic",
+           "ks_max_pairwise", "ks_noise_floor", "MIN_ESTIMABLE_ROWS", "NOISE_FLOOR_PERMUTATIONS"]
 
-    Equals `scipy.stats.ks_2samp(a, b).statistic`. The supremum is attained at a sample point, so the
-    two empirical CDFs are compared at every point of both samples, `chunk` points at a time (memory:
-    the two sorted samples plus O(chunk)).
-    """
-    a = np.sort(np.asarray(a, dtype=np.float64).ravel())
-    b = np.sort(np.asarray(b, dtype=np.float64).ravel())
-    if a.size == 0 or b.size == 0:
-        return float("nan")
-    best = 0.0
-    for points in (a, b):
-        for start in range(0, points.size, chunk):
-            t = points[start:start + chunk]
-            gap = np.abs(np.searchsorted(a, t, side="right") / a.size - np.searchsorted(b, t, side="right") / b.size)
-            best = max(best, float(gap.max()))
-    return best
+#: A group with fewer evaluation rows is flagged not estimable (for k >= 3 left out of the aggregates).
+MIN_ESTIMABLE_ROWS = 30
+
+#: Label permutations averaged by the noise floor (fewer for very many rows, see `_floor_permutations`).
+NOISE_FLOOR_PERMUTATIONS = 200
+
+
+def _floor_permutations(rows: int) -> int:
+    """200 permutations up to 100k rows, then fewer (at least 20) to keep the cost near 2e7 row-draws."""
+    return max(20, min(NOISE_FLOOR_PERMUTATIONS, int(2e7 // max(rows, 1))))
 
 
 @dataclass(frozen=True)
 class GroupSummary:
-    """Output summary of one group. `mse`/`mae` are None without a target."""
+    """Output summary of one group. `mse`/`mae` are None without a target.
+
+    `ks_overall`: sup_t |F_g(t) - F(t)| against all rows of all groups (max over output columns);
+    `estimable`: the group has at least MIN_ESTIMABLE_ROWS rows.
+    """
 
     label: str
     count: int
@@ -38,26 +39,41 @@ class GroupSummary:
     std: float
     mse: float | None
     mae: float | None
+    ks_overall: float = float("nan")
+    estimable: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "count": self.count, "mean": self.mean, "std": self.std,
-                "mse": self.mse, "mae": self.mae}
+                "mse": self.mse, "mae": self.mae, "ks_overall": self.ks_overall, "estimable": self.estimable}
 
 
 @dataclass(frozen=True)
 class OutputMetrics:
-    """Metrics of a model's output on rows of two groups.
+    """Metrics of a model's output on rows of k >= 2 groups.
 
+    Which groups count: for k >= 3, groups with fewer than MIN_ESTIMABLE_ROWS rows are left out of
+    `ks`, `ks_overall` and `mean_gap` (all groups with rows count if fewer than two are estimable);
+    for k = 2 both groups always count (small ones are still listed in `not_estimable`).
     For an output with several columns, `ks` and `mean_gap` are the largest over the columns and
     `mse`/`mae` the average; `ks_per_column` keeps the detail.
 
     Attributes:
-        ks: exact two-sample KS distance between the groups' outputs.
-        mean_gap: |E[y | g0] - E[y | g1]|.
-        mse, mae: against the target over both groups, None without a target.
-        rows: rows measured (both groups).
-        groups: summaries of group 0 and group 1.
-        ks_per_column: KS of each output column.
+        ks: max pairwise exact KS max_{g<h} sup_t |F_g(t) - F_h(t)| (k = 2: the two-sample KS).
+        mean_gap: max - min of the group mean outputs (k = 2: |E[y | g0] - E[y | g1]|).
+        mse, mae: against the target over all rows, None without a target.
+        rows: rows measured (all groups).
+        groups: the k group summaries, in group order.
+        ks_per_column: max pairwise KS of each output column.
+        ks_pair: labels of the pair attaining `ks`.
+        ks_overall: max_g sup_t |F_g(t) - F(t)|, F over all rows.
+        ks_critical: 1.36 sqrt(1/n_g + 1/n_h) for the attaining pair (95% same-distribution level).
+        noise_floor: mean max pairwise KS over label permutations of the counted groups' sizes
+            (`ks_noise_floor`: computed from the sizes alone with tie-free values, seeded, 200 draws up
+            to 100k rows, at least 20 beyond).
+        intervals: 95% percentile bootstrap intervals {"ks", "mean_gap", "mse" (with a target)}: (lo, hi),
+            rows resampled within groups; empty without `bootstrap`. The KS interval is the
+            distribution of the resampled KS, which sits above the KS for groups that barely differ.
+        not_estimable: labels of groups with fewer than MIN_ESTIMABLE_ROWS rows.
     """
 
     ks: float
@@ -65,14 +81,24 @@ class OutputMetrics:
     mse: float | None
     mae: float | None
     rows: int
-    groups: tuple[GroupSummary, GroupSummary]
+    groups: tuple[GroupSummary, ...]
     ks_per_column: tuple[float, ...]
+    ks_pair: tuple[str, ...] = ()
+    ks_overall: float = float("nan")
+    ks_critical: float = float("nan")
+    noise_floor: float = float("nan")
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    not_estimable: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"ks": self.ks, "mean_gap": self.mean_gap, "mse": self.mse, "mae": self.mae,
                                "rows": self.rows, "groups": [g.to_dict() for g in self.groups]}
         if len(self.ks_per_column) > 1:
             out["ks_per_column"] = list(self.ks_per_column)
+        out.update({"ks_pair": list(self.ks_pair), "ks_overall": self.ks_overall, "ks_critical": self.ks_critical,
+                    "noise_floor": self.noise_floor,
+                    "intervals": {name: list(iv) for name, iv in self.intervals.items()},
+                    "not_estimable": list(self.not_estimable)})
         return out
 
 
@@ -98,50 +124,62 @@ class _Scalar:
 
 
 class OutputCollector:
-    """Model outputs of two groups streamed batch by batch.
+    """Model outputs of k groups streamed batch by batch (group codes 0..k-1; negative codes are ignored).
 
-    Keeps one value per row and output column in the model's own float dtype plus a one-byte group
-    code (an exact KS needs every value); everything else (means, spreads, MSE, MAE) is summed on
-    the fly, so the target column is never stored.
+    Keeps one value per row and output column in the model's own float dtype plus, with a target,
+    each row's squared error summed over columns in float64 (for bootstrap intervals of the MSE); the
+    target itself is never stored. Means, spreads, MSE and MAE are summed on the fly.
     """
 
     def __init__(self) -> None:
-        self._pred: list[list[np.ndarray]] = [[], []]  # per code: [n_c, k] blocks in the model's dtype
-        self._values = [_Scalar(), _Scalar()]  # per code, over all output columns
-        self._column_sum: list[np.ndarray | None] = [None, None]  # per code: sum of each output column
-        self._rows = [0, 0]
-        self._sq_err = [0.0, 0.0]
-        self._abs_err = [0.0, 0.0]
+        self._pred: list[list[np.ndarray]] = []  # per code: [n_c, cols] blocks in the model's dtype
+        self._row_sq: list[list[np.ndarray]] = []  # per code: [n_c] squared error of each row (with a target)
+        self._values: list[_Scalar] = []  # per code, over all output columns
+        self._column_sum: list[np.ndarray | None] = []  # per code: sum of each output column
+        self._rows: list[int] = []
+        self._sq_err: list[float] = []
+        self._abs_err: list[float] = []
         self.has_target: bool | None = None
         self.width: int | None = None  # values per row of the scored tensor (set by the pass that fills it)
 
+    def _grow(self, codes: int) -> None:
+        while len(self._rows) < codes:
+            self._pred.append([])
+            self._row_sq.append([])
+            self._values.append(_Scalar())
+            self._column_sum.append(None)
+            self._rows.append(0)
+            self._sq_err.append(0.0)
+            self._abs_err.append(0.0)
+
     @property
     def rows(self) -> int:
-        return self._rows[0] + self._rows[1]
+        return sum(self._rows)
 
     def values(self, code: int) -> np.ndarray:
-        """Every output value of the rows with group code `code`, [n_c, k] in the model's dtype."""
-        blocks = self._pred[code]
+        """Every output value of the rows with group code `code`, [n_c, cols] in the model's dtype."""
+        blocks = self._pred[code] if code < len(self._pred) else []
         return np.concatenate(blocks) if blocks else np.zeros((0, 1), dtype=np.float32)
 
     def rows_of(self, code: int) -> int:
         """Rows added with group code `code`."""
-        return self._rows[code]
+        return self._rows[code] if 0 <= code < len(self._rows) else 0
 
     def add(self, pred: np.ndarray, code: np.ndarray, target: np.ndarray | None = None) -> None:
-        """Add `pred: [n] or [n, k]` with group codes `code: [n]` (0 or 1) and `target: [n] or [n, k]`."""
+        """Add `pred: [n] or [n, cols]` with group codes `code: [n]` (0..k-1; < 0 skipped) and
+        `target: [n] or [n, cols]`."""
         p = np.asarray(pred)
         p = p.reshape(p.shape[0], -1)
         if p.dtype not in (np.float32, np.float64):
             p = p.astype(np.float64)
-        c = np.asarray(code).astype(np.int8)
+        c = np.asarray(code).astype(np.int64).reshape(-1)
         if self.has_target is None:
             self.has_target = target is not None
         t = None if target is None else np.asarray(target, dtype=np.float64).reshape(p.shape[0], -1)
-        for g in (0, 1):
+        if c.size and c.max() >= 0:
+            self._grow(int(c.max()) + 1)
+        for g in np.unique(c[c >= 0]):
             mask = c == g
-            if not mask.any():
-                continue
             self._pred[g].append(p[mask])
             pg = self._pred[g][-1].astype(np.float64)
             self._rows[g] += int(mask.sum())
@@ -150,58 +188,133 @@ class OutputCollector:
             self._column_sum[g] = col if self._column_sum[g] is None else self._column_sum[g] + col
             if t is not None:
                 err = pg - t[mask]
-                self._sq_err[g] += float(np.sum(err * err))
+                sq = err * err
+                self._row_sq[g].append(sq.sum(axis=1))
+                self._sq_err[g] += float(np.sum(sq))
                 self._abs_err[g] += float(np.sum(np.abs(err)))
 
-    def result(self, labels: tuple[str, str], group_of_code: np.ndarray | None = None) -> OutputMetrics:
-        """The metrics, with code c counted as group `group_of_code[c]` (default: code = group)."""
-        order = [0, 1]  # order[g]: the code counted as group g
+    def result(self, labels: Sequence[str], group_of_code: np.ndarray | None = None, *, bootstrap: int = 0,
+               seed: int = 0) -> OutputMetrics:
+        """The metrics of the k = len(labels) groups, with code c counted as group `group_of_code[c]`
+        (default: code = group). `bootstrap`: resamples for the 95% intervals (0: none), seeded by `seed`,
+        which also seeds the noise floor."""
+        k = len(labels)
+        self._grow(k)
+        order = list(range(k))  # order[g]: the code counted as group g
         if group_of_code is not None:
             groups = [int(x) for x in group_of_code]
-            order = [groups.index(g) if g in groups else g for g in (0, 1)]
+            order = [groups.index(g) if g in groups else g for g in range(k)]
+            self._grow(max(order) + 1)
         blocks = [self._pred[c] for c in order]
-        k = next((b[0].shape[1] for b in blocks if b), 1)
-        pred = [np.concatenate(b) if b else np.zeros((0, k)) for b in blocks]
-        ks_cols = tuple(ks_statistic(pred[0][:, j], pred[1][:, j]) for j in range(k))
+        cols = next((b[0].shape[1] for b in blocks if b), 1)
+        pred = [np.concatenate(b) if b else np.zeros((0, cols)) for b in blocks]
+        counts = [self._rows[c] for c in order]
+        estimable = [n >= MIN_ESTIMABLE_ROWS for n in counts]
+        if k == 2:
+            counted = [0, 1]
+        else:
+            counted = [g for g in range(k) if estimable[g]]
+            if len(counted) < 2:
+                counted = [g for g in range(k) if counts[g] > 0]
         target = bool(self.has_target)
+
+        ks_cols, pairs, overall = [], [], np.full(k, np.nan)
+        for j in range(cols):
+            value, pair = ks_max_pairwise([pred[g][:, j] for g in counted])
+            ks_cols.append(value)
+            pairs.append(pair)
+            per = np.array(ks_to_overall([p[:, j] for p in pred]), dtype=np.float64)
+            overall = np.where(np.isnan(overall) | (per > overall), per, overall)
+        best = int(np.nanargmax(ks_cols)) if not np.all(np.isnan(ks_cols)) else 0
+        pair = pairs[best] if pairs[best] is not None else (0, 1)
+        g_a, g_h = (counted[pair[0]], counted[pair[1]]) if len(counted) > max(pair) else (0, 1)
+
         summaries = []
-        for label, c in zip(labels, order):
+        for g, (label, c) in enumerate(zip(labels, order)):
             n, vals = self._rows[c], self._values[c]
-            cells = n * k
+            cells = n * cols
             summaries.append(GroupSummary(
                 label=str(label), count=n,
                 mean=vals.mean if vals.n else float("nan"),
                 std=float(np.sqrt(vals.m2 / (vals.n - 1))) if vals.n > 1 else float("nan"),
                 mse=self._sq_err[c] / cells if target and cells else None,
                 mae=self._abs_err[c] / cells if target and cells else None,
+                ks_overall=float(overall[g]), estimable=estimable[g],
             ))
-        sums = [self._column_sum[c] for c in order]
-        if all(x is not None for x in sums) and all(self._rows[c] for c in order):
-            gaps = np.abs(sums[0] / self._rows[order[0]] - sums[1] / self._rows[order[1]])
+        sums = [self._column_sum[order[g]] for g in counted]
+        if all(x is not None for x in sums) and all(counts[g] for g in counted) and len(counted) >= 2:
+            means = np.stack([sums[i] / counts[g] for i, g in enumerate(counted)])
+            gaps = means.max(axis=0) - means.min(axis=0)
         else:
             gaps = np.array([np.nan])
-        cells = self.rows * k
+        cells = sum(counts) * cols
+        sq_total = sum(self._sq_err[c] for c in order)
+        abs_total = sum(self._abs_err[c] for c in order)
+        rows_counted = sum(counts[g] for g in counted)
+        intervals = {}
+        if bootstrap > 0:
+            intervals = self._bootstrap(pred, order, counted, int(bootstrap), int(seed))
+        over_counted = [overall[g] for g in counted if not np.isnan(overall[g])]
         return OutputMetrics(
             ks=float(max(ks_cols)) if ks_cols else float("nan"),
             mean_gap=float(np.max(gaps)),
-            mse=(self._sq_err[0] + self._sq_err[1]) / cells if target and cells else None,
-            mae=(self._abs_err[0] + self._abs_err[1]) / cells if target and cells else None,
-            rows=self.rows,
-            groups=(summaries[0], summaries[1]),
-            ks_per_column=ks_cols,
+            mse=sq_total / cells if target and cells else None,
+            mae=abs_total / cells if target and cells else None,
+            rows=sum(counts),
+            groups=tuple(summaries),
+            ks_per_column=tuple(ks_cols),
+            ks_pair=(str(labels[g_a]), str(labels[g_h])),
+            ks_overall=float(max(over_counted)) if over_counted else float("nan"),
+            ks_critical=ks_critical(counts[g_a], counts[g_h]),
+            noise_floor=ks_noise_floor([counts[g] for g in counted], seed, _floor_permutations(rows_counted)),
+            intervals=intervals,
+            not_estimable=tuple(str(labels[g]) for g in range(k) if not estimable[g]),
         )
 
+    def _bootstrap(self, pred: list[np.ndarray], order: list[int], counted: list[int], resamples: int,
+                   seed: int) -> dict[str, tuple[float, float]]:
+        """95% percentile intervals of ks, mean_gap (counted groups) and mse (all groups), rows resampled
+        within each group; `pred[g]: [n_g, cols]` float."""
+        k, cols = len(pred), pred[0].shape[1]
+        sizes = [p.shape[0] for p in pred]
+        if any(sizes[g] == 0 for g in counted):
+            return {}
+        target = bool(self.has_target)
+        row_sq = [np.concatenate(self._row_sq[c]) if self._row_sq[c] else np.zeros(0) for c in order]
+        cells = sum(sizes) * cols
+        vals = [[np.asarray(pred[g][:, j], dtype=np.float64) for g in counted] for j in range(cols)]
+        pooled = [PooledOrder(v) for v in vals]
+        rng = np.random.default_rng(seed)
+        ks_b, gap_b, mse_b = np.empty(resamples), np.empty(resamples), np.empty(resamples)
+        for b in range(resamples):
+            mult = [np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64) if n else np.zeros(0)
+                    for n in sizes]
+            sub = [mult[g] for g in counted]
+            ks_b[b] = max(po.max_pairwise(sub) for po in pooled)
+            gap = 0.0
+            for j in range(cols):
+                means = [float(np.einsum("i,i->", m, v)) / v.size for m, v in zip(sub, vals[j])]
+                gap = max(gap, max(means) - min(means))
+            gap_b[b] = gap
+            if target:
+                mse_b[b] = sum(float(np.einsum("i,i->", mult[g], row_sq[g])) for g in range(k) if sizes[g]) / cells
+        out = {"ks": ks_b, "mean_gap": gap_b}
+        if target:
+            out["mse"] = mse_b
+        return {name: (float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))) for name, x in out.items()}
 
-def output_metrics(pred: np.ndarray, in_group1: np.ndarray, labels: tuple[str, str],
-                   target: np.ndarray | None = None) -> OutputMetrics:
+
+def output_metrics(pred: np.ndarray, code: np.ndarray, labels: Sequence[str], target: np.ndarray | None = None, *,
+                   bootstrap: int = 0, seed: int = 0) -> OutputMetrics:
     """Compute `OutputMetrics` of arrays in memory.
 
     Args:
-        pred: [n] or [n, k] model outputs.
-        in_group1: [n] bool, True for rows of group 1 (False: group 0).
-        labels: the two groups' labels, group 0 first.
-        target: [n] or [n, k] labels, or None.
+        pred: [n] or [n, cols] model outputs.
+        code: [n] group codes 0..k-1 (or a bool mask: True for group 1, False for group 0).
+        labels: the k groups' labels, group 0 first.
+        target: [n] or [n, cols] labels, or None.
+        bootstrap, seed: see `OutputCollector.result`.
     """
     collector = OutputCollector()
-    collector.add(pred, np.asarray(in_group1, dtype=bool).astype(np.int8), target)
-    return collector.result(labels)
+    collector.add(pred, np.asarray(code).astype(np.int64), target)
+    return collector.result(labels, bootstrap=bootstrap, seed=seed)

@@ -1,4 +1,5 @@
-"""Refit of the final linear node from streamed moments: `fair` (exact output mean parity) or `plain`.
+"""Refit of the final linear node from streamed moments: `fair` (exact output mean parity over k >= 2
+groups) or `plain`.
 
 The node computes `out = coef @ z + intercept` with `coef: [m, p]`. Everything is solved from the
 per-group joint moments of `u = [z, t]` (z: [p] node input, t: [m] refit target), so memory is
@@ -8,7 +9,7 @@ O((p + m)^2) whatever the number of rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import scipy.linalg
@@ -31,33 +32,39 @@ FALLBACK_RIDGE = 1e-4
 
 
 class RefitAccumulator:
-    """Per-group, per-part (train / ridge validation) moments of `[z, t]`."""
+    """Per-group, per-part (train / ridge validation) moments of `[z, t]` for k >= 2 groups."""
 
-    def __init__(self, p: int, m: int) -> None:
-        self.p, self.m = p, m
-        self.parts = {(part, g): Moments(p + m) for part in ("train", "val") for g in (0, 1)}
+    def __init__(self, p: int, m: int, k: int = 2) -> None:
+        if k < 2:
+            raise ValueError(f"the refit needs at least two groups (got k={k})")
+        self.p, self.m, self.k = p, m, k
+        self.parts = {(part, g): Moments(p + m) for part in ("train", "val") for g in range(k)}
 
-    def add(self, z: np.ndarray, t: np.ndarray, in_group1: np.ndarray, in_val: np.ndarray) -> None:
-        """Add rows `z: [n, p]`, `t: [n, m]` with bool masks `[n]`."""
+    def add(self, z: np.ndarray, t: np.ndarray, code: np.ndarray, in_val: np.ndarray) -> None:
+        """Add rows `z: [n, p]`, `t: [n, m]` of groups `code: [n]` int in 0..k-1 (a bool mask counts as
+        codes 0 / 1) with the ridge-validation mask `in_val: [n] bool`."""
         n = len(z)
+        c = np.asarray(code).astype(np.int64).reshape(-1)
+        if c.size and (c.min() < 0 or c.max() >= self.k):
+            raise ValueError(f"group codes must lie in 0..{self.k - 1} (got {int(c.min())}..{int(c.max())})")
         u = np.empty((n, self.p + self.m), dtype=np.float64)
         u[:, :self.p] = np.asarray(z).reshape(n, -1)
         u[:, self.p:] = np.asarray(t).reshape(n, -1)
         for part, pmask in (("train", ~in_val), ("val", in_val)):
-            for g, gmask in ((0, ~in_group1), (1, in_group1)):
-                rows = u[pmask & gmask]
+            for g in range(self.k):
+                rows = u[pmask & (c == g)]
                 if rows.shape[0]:
                     self.parts[(part, g)].add(rows)
 
-    def groups(self, parts: tuple[str, ...]) -> tuple[Moments, Moments]:
-        """Moments of group 0 and group 1 merged over `parts`."""
+    def groups(self, parts: tuple[str, ...]) -> list[Moments]:
+        """Moments of each of the k groups (in group order) merged over `parts`."""
         out = []
-        for g in (0, 1):
+        for g in range(self.k):
             acc = Moments(self.p + self.m)
             for part in parts:
                 acc.merge(self.parts[(part, g)])
             out.append(acc)
-        return out[0], out[1]
+        return out
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,10 @@ class RefitSolution:
 
 @dataclass(frozen=True)
 class RefitReport:
-    """What the refit did: mode, target kind, chosen ridge and the validation MSE of each candidate."""
+    """What the refit did: mode, target kind, chosen ridge and the validation MSE of each candidate.
+
+    `parity_gap`: on the fit rows, max over output columns of (max - min group mean output).
+    """
 
     mode: str
     target: str
@@ -86,27 +96,49 @@ class RefitReport:
                 "fit_rows": self.fit_rows, "train_mean_gap": self.parity_gap}
 
 
-def solve(g0: Moments, g1: Moments, p: int, *, mode: RefitMode, alpha: float, fit_intercept: bool) -> RefitSolution:
-    """Solve the ridge least squares (with the mean-parity constraint for `fair`) in closed form.
+def parity_constraints(groups: Sequence[Moments], p: int, ref: int | None = None) -> np.ndarray:
+    """The mean-parity constraints E: [p, q] of the fair refit (E^T beta = 0), over groups with rows.
 
-    fair:  min ||Z_c b - t_c||^2 + alpha n ||b||^2  s.t. (zbar_0 - zbar_1)^T b = 0, per output column,
-    through the KKT system; plain: the same without the constraint. Without an intercept the
-    uncentred moments are used instead of the centred ones.
+    Two groups present (a < b): the single column zbar_a - zbar_b (the binary constraint). More: the
+    raw differences zbar_g - zbar_ref for every present g != ref (no orthonormalisation), `ref` the
+    largest present group unless given (ties: the lowest index). Fewer than two present: q = 0.
     """
-    pooled = g0.copy()
-    pooled.merge(g1)
+    present = [g for g, mom in enumerate(groups) if mom.n > 0]
+    if len(present) < 2:
+        return np.zeros((p, 0))
+    if len(present) == 2:
+        a, b = present
+        return (groups[a].mean[:p] - groups[b].mean[:p])[:, None]
+    if ref is None or ref not in present:
+        ref = max(present, key=lambda g: (groups[g].n, -g))
+    return np.stack([groups[g].mean[:p] - groups[ref].mean[:p] for g in present if g != ref], axis=1)
+
+
+def solve(groups: Sequence[Moments], p: int, *, mode: RefitMode, alpha: float, fit_intercept: bool,
+          ref: int | None = None) -> RefitSolution:
+    """Solve the ridge least squares (with the mean-parity constraints for `fair`) in closed form.
+
+    `groups`: moments of `[z, t]` per group (k >= 2; a group without rows is left out of the constraints).
+    fair:  min ||Z_c b - t_c||^2 + alpha n ||b||^2  s.t. E^T b = 0 (`parity_constraints`), per output
+    column, through the KKT system; plain: the same without the constraints. Without an intercept the
+    uncentred moments are used instead of the centred ones. k = 2 performs the binary operations exactly.
+    """
+    pooled = groups[0].copy()
+    for g in groups[1:]:
+        pooled.merge(g)
     n = pooled.n
     second = pooled.scatter if fit_intercept else pooled.gram()
     szz, szt = second[:p, :p], second[:p, p:]
     m = szt.shape[1]
     lhs = szz + alpha * n * np.eye(p)
     if mode == "fair":
-        gap = g0.mean[:p] - g1.mean[:p]
-        kkt = np.zeros((p + 1, p + 1))
+        e = parity_constraints(groups, p, ref)
+        q = e.shape[1]
+        kkt = np.zeros((p + q, p + q))
         kkt[:p, :p] = lhs
-        kkt[:p, p] = gap
-        kkt[p, :p] = gap
-        rhs = np.vstack([szt, np.zeros((1, m))])
+        kkt[:p, p:] = e
+        kkt[p:, :p] = e.T
+        rhs = np.vstack([szt, np.zeros((q, m))])
         sol = scipy.linalg.lstsq(kkt, rhs, check_finite=False, lapack_driver="gelsd")[0]
         beta = sol[:p]
     elif mode == "plain":
@@ -115,6 +147,20 @@ def solve(g0: Moments, g1: Moments, p: int, *, mode: RefitMode, alpha: float, fi
         raise ValueError(f"unknown refit mode {mode!r}")
     intercept = (pooled.mean[p:] - pooled.mean[:p] @ beta) if fit_intercept else None
     return RefitSolution(coef=beta.T.copy(), intercept=intercept)
+
+
+def parity_gap(groups: Sequence[Moments], coef: np.ndarray) -> float:
+    """max over output columns of (max - min) of the groups' mean outputs `zbar_g @ coef.T`, over groups
+    with rows (k = 2: max |(zbar_0 - zbar_1) @ coef.T|, computed as in the binary method)."""
+    p = coef.shape[1]
+    present = [g for g in groups if g.n > 0]
+    if len(present) < 2:
+        return 0.0
+    if len(present) == 2:
+        gap = (present[0].mean[:p] - present[1].mean[:p]) @ coef.T
+        return float(np.max(np.abs(gap))) if gap.size else 0.0
+    means = np.stack([g.mean[:p] for g in present]) @ coef.T  # [k, m]
+    return float(np.max(means.max(axis=0) - means.min(axis=0))) if means.size else 0.0
 
 
 def validation_mse(sol: RefitSolution, val: Moments, p: int) -> float:
@@ -132,17 +178,22 @@ def validation_mse(sol: RefitSolution, val: Moments, p: int) -> float:
 
 def fit(acc: RefitAccumulator, *, mode: RefitMode, ridge: float | Literal["auto"], fit_intercept: bool,
         target_kind: str) -> tuple[RefitSolution, RefitReport]:
-    """Choose the ridge term (if `ridge == "auto"`) on the validation part, then fit on all fit rows."""
+    """Choose the ridge term (if `ridge == "auto"`) on the validation part, then fit on all fit rows.
+
+    On the split, the constraints cover only the groups present in the training part; choosing needs at
+    least two groups with 2 training rows each and 10 validation rows (else FALLBACK_RIDGE).
+    """
     p = acc.p
     scores: dict[float, float] = {}
     if ridge == "auto":
-        t0, t1 = acc.groups(("train",))
-        v0, v1 = acc.groups(("val",))
-        val = v0.copy()
-        val.merge(v1)
-        if min(t0.n, t1.n) >= 2 and val.n >= 10:
+        train = acc.groups(("train",))
+        parts = acc.groups(("val",))
+        val = parts[0].copy()
+        for v in parts[1:]:
+            val.merge(v)
+        if sum(g.n >= 2 for g in train) >= 2 and val.n >= 10:
             for a in RIDGE_GRID:
-                scores[a] = validation_mse(solve(t0, t1, p, mode=mode, alpha=a, fit_intercept=fit_intercept), val, p)
+                scores[a] = validation_mse(solve(train, p, mode=mode, alpha=a, fit_intercept=fit_intercept), val, p)
             finite = {a: s for a, s in scores.items() if np.isfinite(s)}
             alpha = min(finite, key=finite.get) if finite else FALLBACK_RIDGE
             source = "auto"
@@ -150,9 +201,8 @@ def fit(acc: RefitAccumulator, *, mode: RefitMode, ridge: float | Literal["auto"
             alpha, source = FALLBACK_RIDGE, "fallback (too few rows to choose)"
     else:
         alpha, source = float(ridge), "fixed"
-    g0, g1 = acc.groups(("train", "val"))
-    sol = solve(g0, g1, p, mode=mode, alpha=alpha, fit_intercept=fit_intercept)
-    gap = (g0.mean[:p] - g1.mean[:p]) @ sol.coef.T
+    groups = acc.groups(("train", "val"))
+    sol = solve(groups, p, mode=mode, alpha=alpha, fit_intercept=fit_intercept)
     report = RefitReport(mode=mode, target=target_kind, alpha=alpha, alpha_source=source, validation_mse=scores,
-                         fit_rows=g0.n + g1.n, parity_gap=float(np.max(np.abs(gap))) if gap.size else 0.0)
+                         fit_rows=sum(g.n for g in groups), parity_gap=parity_gap(groups, sol.coef))
     return sol, report

@@ -1,13 +1,17 @@
-"""Streaming first and second moments in float64 (Chan et al. pairwise merge).
+"""Streaming first and second moments in float64 (Chan et al. pairwise merge), per group for k >= 2 groups.
 
-Memory is O(d^2) whatever the number of rows: each batch is reduced at once and merged.
+Memory is O(d^2) per group whatever the number of rows: each batch is reduced at once and merged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, Sequence
 
 import numpy as np
+
+#: Group weights: "size" w_g = n_g / n, "equal" w_g = 1 / k.
+GroupWeights = Literal["size", "equal"]
 
 
 class Moments:
@@ -73,40 +77,120 @@ class Moments:
 
 
 @dataclass(frozen=True)
-class LayerStats:
-    """What the ESVD math needs from a layer's inputs: per-group moments of x.
+class GroupStats:
+    """What the ESVD math needs from a layer's inputs: per-group moments of x, for k >= 2 groups.
+
+    Memory O(k d^2). Every group needs at least 2 rows (callers refuse smaller groups first; here
+    `Moments.covariance` raises ValueError).
 
     Attributes:
-        n0, n1: row counts of group 0 and group 1.
-        mean0, mean1: [d] group means.
-        cov0, cov1: [d, d] unbiased group covariances.
-        gram: [d, d] uncentred Gram matrix of all rows of both groups (not divided by n).
+        counts: [k] int64 row counts.
+        means: [k, d] float64 group means.
+        covs: [k, d, d] float64 unbiased group covariances (divided by n_g - 1).
+        gram: [d, d] uncentred Gram matrix sum x x^T of all rows of all groups (not divided by n).
+        labels: the k group labels, in group order.
     """
 
-    n0: int
-    n1: int
-    mean0: np.ndarray
-    mean1: np.ndarray
-    cov0: np.ndarray
-    cov1: np.ndarray
+    counts: np.ndarray
+    means: np.ndarray
+    covs: np.ndarray
     gram: np.ndarray
+    labels: tuple[str, ...]
+
+    @property
+    def k(self) -> int:
+        """Number of groups."""
+        return int(self.counts.shape[0])
+
+    @property
+    def dim(self) -> int:
+        """Width d of the rows."""
+        return int(self.means.shape[1])
 
     @classmethod
-    def from_moments(cls, g0: Moments, g1: Moments) -> "LayerStats":
+    def from_moments(cls, moments: Sequence[Moments], labels: Sequence[str] | None = None) -> "GroupStats":
+        """Statistics of k >= 2 groups from their streamed moments (one `Moments` per group, in group order).
+
+        `labels` defaults to "0", "1", ...; the Gram matrix sums the groups' Gram matrices in order.
+        """
+        moments = list(moments)
+        assert len(moments) >= 2, "GroupStats needs at least two groups"
+        names = tuple(str(x) for x in labels) if labels is not None else tuple(str(g) for g in range(len(moments)))
+        assert len(names) == len(moments), "one label per group"
+        gram = moments[0].gram()
+        for m in moments[1:]:
+            gram = gram + m.gram()
         return cls(
-            n0=g0.n,
-            n1=g1.n,
-            mean0=g0.mean.copy(),
-            mean1=g1.mean.copy(),
-            cov0=g0.covariance(),
-            cov1=g1.covariance(),
-            gram=g0.gram() + g1.gram(),
+            counts=np.array([m.n for m in moments], dtype=np.int64),
+            means=np.stack([m.mean for m in moments]),
+            covs=np.stack([m.covariance() for m in moments]),
+            gram=gram,
+            labels=names,
         )
 
     @classmethod
-    def from_arrays(cls, x0: np.ndarray, x1: np.ndarray) -> "LayerStats":
-        """Direct (non-streaming) statistics of two row blocks `[n_g, d]`."""
-        m0, m1 = Moments(x0.shape[1]), Moments(x1.shape[1])
-        m0.add(x0)
-        m1.add(x1)
-        return cls.from_moments(m0, m1)
+    def from_arrays(cls, *blocks: np.ndarray, labels: Sequence[str] | None = None) -> "GroupStats":
+        """Direct (non-streaming) statistics of k row blocks `[n_g, d]`, one per group."""
+        moments = []
+        for x in blocks:
+            m = Moments(x.shape[1])
+            m.add(x)
+            moments.append(m)
+        return GroupStats.from_moments(moments, labels)
+
+    def weights(self, kind: GroupWeights = "size") -> np.ndarray:
+        """Group weights w: [k] float64 summing to 1: "size" w_g = n_g / n, "equal" w_g = 1 / k."""
+        if kind == "size":
+            return self.counts / float(self.counts.sum())
+        if kind == "equal":
+            return np.full(self.k, 1.0 / self.k)
+        raise ValueError(f"unknown group weights {kind!r}; use 'size' or 'equal'")
+
+    # two-group views (k = 2 only), kept for binary callers
+    def _two(self) -> None:
+        if self.k != 2:
+            raise ValueError(f"n0/n1/mean0/mean1/cov0/cov1 exist for two groups only (this has {self.k})")
+
+    @property
+    def n0(self) -> int:
+        self._two()
+        return int(self.counts[0])
+
+    @property
+    def n1(self) -> int:
+        self._two()
+        return int(self.counts[1])
+
+    @property
+    def mean0(self) -> np.ndarray:
+        self._two()
+        return self.means[0]
+
+    @property
+    def mean1(self) -> np.ndarray:
+        self._two()
+        return self.means[1]
+
+    @property
+    def cov0(self) -> np.ndarray:
+        self._two()
+        return self.covs[0]
+
+    @property
+    def cov1(self) -> np.ndarray:
+        self._two()
+        return self.covs[1]
+
+
+class LayerStats(GroupStats):
+    """The two-group case of `GroupStats` (binary callers): `from_moments(g0, g1)`, `from_arrays(x0, x1)`."""
+
+    @classmethod
+    def from_moments(  # type: ignore[override]
+            cls, g0: Moments, g1: Moments, labels: Sequence[str] | None = None) -> GroupStats:
+        return GroupStats.from_moments([g0, g1], labels)
+
+    @classmethod
+    def from_arrays(  # type: ignore[override]
+            cls, x0: np.ndarray, x1: np.ndarray, labels: Sequence[str] | None = None) -> GroupStats:
+        return GroupStats.from_arrays(x0, x1, labels=labels)

@@ -10,7 +10,12 @@ import scipy.stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnx_esvd.metrics import ks_statistic, output_metrics
+from onnx_esvd.metrics import OutputCollector, ks_max_pairwise, ks_noise_floor, ks_statistic, output_metrics
+
+try:
+    import binary_v1
+except ImportError:  # tests/ imported as a package
+    from tests import binary_v1
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
 
@@ -115,3 +120,177 @@ def test_output_metrics_multi_column_takes_max_ks_and_gap():
     assert om.mse == pytest.approx(np.mean((pred - target) ** 2), rel=1e-12)
     assert om.mae == pytest.approx(np.mean(np.abs(pred - target)), rel=1e-12)
     assert om.to_dict()["ks_per_column"] == list(om.ks_per_column)
+
+
+# --------------------------------------------------------------------------------------------------
+# k groups
+
+
+def _feed(collectors, pred, code, target, batch=53):
+    for lo in range(0, len(pred), batch):
+        sl = slice(lo, lo + batch)
+        for c in collectors:
+            c.add(pred[sl], code[sl], None if target is None else target[sl])
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("cols", [1, 3])
+@pytest.mark.parametrize("with_target", [True, False])
+def test_two_groups_equal_the_binary_metrics(seed, cols, with_target):
+    rng = np.random.default_rng(seed + 100)
+    n = int(rng.integers(40, 400))
+    code = (rng.uniform(size=n) < (0.05 if seed == 3 else 0.4)).astype(np.int8)  # seed 3: a group under 30
+    pred = (rng.normal(size=(n, cols)) + 0.5 * code[:, None]).astype(np.float32 if seed % 2 else np.float64)
+    pred[: n // 5] = np.round(pred[: n // 5], 1)  # ties
+    target = pred + rng.normal(size=(n, cols)) if with_target else None
+    new, old = OutputCollector(), binary_v1.OutputCollector()
+    _feed([new, old], pred, code, target)
+    for group_of_code in (None, np.array([1, 0])):
+        got = new.result(("a", "b"), group_of_code).to_dict()
+        want = old.result(("a", "b"), group_of_code).to_dict()
+        for key, value in want.items():
+            if key == "groups":
+                for g_got, g_want in zip(got[key], value, strict=True):
+                    assert {k: g_got[k] for k in g_want} == g_want
+            else:
+                assert got[key] == value, key
+    om = new.result(("a", "b"))
+    small = [g.label for g in om.groups if g.count < 30]
+    assert list(om.not_estimable) == small
+    assert om.ks_pair == ("a", "b")
+
+
+def _brute(values, labels, counted):
+    pairs = [(scipy_ks(values[g], values[h]), (g, h)) for i, g in enumerate(counted) for h in counted[i + 1:]]
+    ks, pair = max(pairs, key=lambda x: x[0])
+    pooled = np.concatenate(values)
+    overall = [scipy_ks(v, pooled) for v in values]
+    means = [values[g].mean() for g in counted]
+    return ks, pair, overall, max(means) - min(means)
+
+
+def test_k_groups_metrics_equal_brute_force_and_leave_small_groups_out():
+    rng = np.random.default_rng(7)
+    sizes, shifts = [120, 10, 80, 200, 45], [0.0, 3.0, 0.2, 0.5, -0.3]  # group 1 (10 rows) is not estimable
+    values = [np.round(rng.normal(s, 1.0, size=n), 2) for n, s in zip(sizes, shifts)]
+    code = np.repeat(np.arange(5), sizes)
+    pred = np.concatenate(values)
+    target = pred + rng.normal(size=len(pred))
+    labels = ["v", "w", "x", "y", "z"]
+    perm = rng.permutation(len(pred))
+    om = output_metrics(pred[perm], code[perm], labels, target[perm])
+    counted = [0, 2, 3, 4]
+    ks, (g, h), overall, gap = _brute(values, labels, counted)
+    assert om.ks == pytest.approx(ks, abs=1e-12) and om.ks_pair == (labels[g], labels[h])
+    assert om.ks_overall == pytest.approx(max(overall[c] for c in counted), abs=1e-12)
+    for c in range(5):
+        assert om.groups[c].ks_overall == pytest.approx(overall[c], abs=1e-12)
+        assert om.groups[c].estimable == (sizes[c] >= 30)
+    assert om.mean_gap == pytest.approx(gap, rel=1e-12)
+    assert om.ks_critical == pytest.approx(1.36 * np.sqrt(1 / sizes[g] + 1 / sizes[h]), rel=1e-12)
+    assert om.not_estimable == ("w",)
+    assert om.mse == pytest.approx(np.mean((pred - target) ** 2), rel=1e-12)
+    assert om.rows == sum(sizes)
+    # the tiny shifted group would dominate if it counted
+    assert scipy_ks(values[1], values[0]) > om.ks
+    # relabelling through group_of_code: code c is group mapping[c]
+    mapping = np.array([2, 0, 4, 1, 3])
+    col = OutputCollector()
+    col.add(pred, code, target)
+    relabelled = col.result([labels[int(np.flatnonzero(mapping == g)[0])] for g in range(5)], mapping)
+    assert relabelled.ks == om.ks and relabelled.mean_gap == pytest.approx(om.mean_gap, rel=1e-14)
+    assert set(relabelled.ks_pair) == set(om.ks_pair) and relabelled.not_estimable == ("w",)
+    d = om.to_dict()
+    assert d["ks_pair"] == list(om.ks_pair) and d["not_estimable"] == ["w"] and d["intervals"] == {}
+    assert d["groups"][1]["estimable"] is False and d["noise_floor"] == om.noise_floor
+
+
+def test_k_groups_with_fewer_than_two_estimable_groups_use_all_of_them():
+    rng = np.random.default_rng(8)
+    sizes = [50, 12, 9]
+    values = [rng.normal(0.3 * g, 1, size=n) for g, n in enumerate(sizes)]
+    om = output_metrics(np.concatenate(values), np.repeat(np.arange(3), sizes), ["a", "b", "c"])
+    ks, _, _, gap = _brute(values, None, [0, 1, 2])
+    assert om.ks == pytest.approx(ks, abs=1e-12) and om.mean_gap == pytest.approx(gap, rel=1e-12)
+    assert om.not_estimable == ("b", "c")
+
+
+def test_negative_codes_are_never_added():
+    col = OutputCollector()
+    col.add(np.arange(6.0), np.array([0, -1, 1, -1, 2, 0]), np.zeros(6))
+    assert col.rows == 4 and col.rows_of(0) == 2 and col.rows_of(2) == 1
+    np.testing.assert_array_equal(col.values(0)[:, 0], [0.0, 5.0])
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(groups=st.lists(st.lists(st.one_of(finite, tied), min_size=1, max_size=25), min_size=2, max_size=5))
+def test_ks_max_pairwise_equals_brute_force(groups):
+    ks, pair = ks_max_pairwise([np.array(g) for g in groups])
+    brute = [scipy_ks(groups[g], groups[h]) for g in range(len(groups)) for h in range(g + 1, len(groups))]
+    assert abs(ks - max(brute)) <= 1e-12
+    assert abs(scipy_ks(groups[pair[0]], groups[pair[1]]) - ks) <= 1e-12
+
+
+def _brute_bootstrap(values, sq, counted, resamples, seed):
+    """The same resamples as the library (one rng.integers draw per group, in group order), scored directly."""
+    rng = np.random.default_rng(seed)
+    ks, gap, mse = [], [], []
+    total = sum(len(v) for v in values)
+    for _ in range(resamples):
+        idx = [rng.integers(0, len(v), len(v)) for v in values]
+        res = [values[g][idx[g]] for g in range(len(values))]
+        ks.append(max(scipy_ks(res[g], res[h]) for i, g in enumerate(counted) for h in counted[i + 1:]))
+        means = [res[g].mean() for g in counted]
+        gap.append(max(means) - min(means))
+        mse.append(sum(sq[g][idx[g]].sum() for g in range(len(values))) / total)
+    return {name: (np.percentile(x, 2.5), np.percentile(x, 97.5)) for name, x in
+            (("ks", ks), ("mean_gap", gap), ("mse", mse))}
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_bootstrap_intervals_equal_brute_force_and_are_seeded(k):
+    rng = np.random.default_rng(20 + k)
+    sizes = [int(rng.integers(35, 90)) for _ in range(k)]
+    values = [np.round(rng.normal(0.25 * g, 1, size=n), 1) for g, n in enumerate(sizes)]  # ties
+    targets = [v + rng.normal(size=len(v)) for v in values]
+    pred, target = np.concatenate(values), np.concatenate(targets)
+    code = np.repeat(np.arange(k), sizes)
+    labels = [str(g) for g in range(k)]
+    om = output_metrics(pred, code, labels, target, bootstrap=60, seed=3)
+    want = _brute_bootstrap(values, [(v - t) ** 2 for v, t in zip(values, targets)], list(range(k)), 60, 3)
+    assert set(om.intervals) == {"ks", "mean_gap", "mse"}
+    for name, (lo, hi) in want.items():
+        assert om.intervals[name] == pytest.approx((lo, hi), abs=1e-12), name
+    assert om.intervals == output_metrics(pred, code, labels, target, bootstrap=60, seed=3).intervals
+    assert om.intervals != output_metrics(pred, code, labels, target, bootstrap=60, seed=4).intervals
+    assert output_metrics(pred, code, labels, target).intervals == {}
+
+
+def test_bootstrap_interval_contains_the_point_value():
+    rng = np.random.default_rng(31)
+    sizes = [400, 250, 150]
+    values = [rng.normal(0.4 * g, 1 + 0.2 * g, size=n) for g, n in enumerate(sizes)]
+    pred = np.concatenate(values)
+    om = output_metrics(pred, np.repeat(np.arange(3), sizes), ["a", "b", "c"], pred + rng.normal(size=len(pred)),
+                        bootstrap=200, seed=0)
+    for name, point in (("ks", om.ks), ("mean_gap", om.mean_gap), ("mse", om.mse)):
+        lo, hi = om.intervals[name]
+        assert lo < point < hi, (name, lo, point, hi)
+
+
+@pytest.mark.parametrize("sizes", [(60, 25), (40, 35, 50, 30)])
+def test_noise_floor_matches_a_brute_force_permutation_estimate(sizes):
+    rng = np.random.default_rng(sum(sizes))
+    pooled = rng.normal(size=sum(sizes))
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    draws = []
+    for _ in range(200):
+        lab = rng.permutation(labels)
+        draws.append(ks_max_pairwise([pooled[lab == g] for g in range(len(sizes))])[0])
+    floor = ks_noise_floor(sizes, seed=1, permutations=200)
+    se = np.std(draws) * np.sqrt(2 / 200)  # standard error of the difference of two 200-draw means
+    assert abs(floor - np.mean(draws)) <= 4 * se
+    assert floor == ks_noise_floor(sizes, seed=1, permutations=200)  # seeded
+    om = output_metrics(pooled, labels, [str(g) for g in range(len(sizes))], seed=1)
+    assert om.noise_floor == floor  # the metrics report the same estimate
+    assert np.isnan(ks_noise_floor([10, 0]))

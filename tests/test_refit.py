@@ -11,14 +11,17 @@ from onnx_esvd.refit import (
     RefitAccumulator,
     RefitSolution,
     fit,
+    parity_constraints,
     solve,
     validation_mse,
 )
 from onnx_esvd.stats import Moments
 
 try:
+    import binary_v1
     from reference_esvd import reference_refit
 except ImportError:  # tests/ imported as a package
+    from tests import binary_v1
     from tests.reference_esvd import reference_refit
 
 
@@ -51,7 +54,7 @@ def group_moments(z, t) -> Moments:
 
 
 def lib_solve(z0, z1, t0, t1, *, mode, alpha, fit_intercept) -> RefitSolution:
-    return solve(group_moments(z0, t0), group_moments(z1, t1), z0.shape[1], mode=mode, alpha=alpha,
+    return solve([group_moments(z0, t0), group_moments(z1, t1)], z0.shape[1], mode=mode, alpha=alpha,
                  fit_intercept=fit_intercept)
 
 
@@ -223,3 +226,148 @@ def test_fixed_ridge_and_fallback():
     _, rep_small = fit(acc_small, mode="plain", ridge="auto", fit_intercept=True, target_kind="label")
     assert rep_small.alpha == FALLBACK_RIDGE
     assert rep_small.alpha_source.startswith("fallback")
+
+
+# --------------------------------------------------------------------------------------------------
+# k groups
+
+
+def make_k_data(seed: int, p: int, k: int, m: int = 1):
+    """k groups of features with different means and targets with group offsets: lists of z_g, t_g."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(p, p)) / np.sqrt(p) + np.eye(p)
+    beta = rng.normal(size=(p, m))
+    zs, ts = [], []
+    for g in range(k):
+        n = int(rng.integers(40, 120))
+        z = rng.normal(size=(n, p)) @ mix + rng.normal(size=p) + 0.4 * g
+        zs.append(z)
+        ts.append(z @ beta + 0.3 * g + 0.3 * rng.normal(size=(n, m)))
+    return zs, ts
+
+
+def k_accumulator(zs, ts, val_share, seed, batch=37, k=None):
+    rng = np.random.default_rng(seed)
+    z, t = np.vstack(zs), np.vstack(ts)
+    code = np.repeat(np.arange(len(zs)), [len(x) for x in zs])
+    order = rng.permutation(len(z))
+    z, t, code = z[order], t[order], code[order]
+    in_val = rng.uniform(size=len(z)) < val_share
+    acc = RefitAccumulator(z.shape[1], t.shape[1], k or len(zs))
+    for lo in range(0, len(z), batch):
+        sl = slice(lo, lo + batch)
+        acc.add(z[sl], t[sl], code[sl], in_val[sl])
+    return acc, z, t, code, in_val
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("mode,ridge,fit_intercept", [("fair", "auto", True), ("plain", "auto", True),
+                                                      ("fair", 1e-3, False), ("fair", 0.0, True)])
+def test_two_groups_reproduce_the_binary_refit_bit_for_bit(seed, mode, ridge, fit_intercept):
+    z0, z1, t0, t1 = make_data(seed + 70, 9, m=2, n0=70, n1=45, collinear=seed == 1)
+    acc = _accumulate(z0, z1, t0, t1, 0.25, seed)[0]
+    sol, report = fit(acc, mode=mode, ridge=ridge, fit_intercept=fit_intercept, target_kind="label")
+    old_sol, old = binary_v1.fit(acc, mode=mode, ridge=ridge, fit_intercept=fit_intercept, target_kind="label")
+    np.testing.assert_array_equal(sol.coef, old_sol.coef)
+    if fit_intercept:
+        np.testing.assert_array_equal(sol.intercept, old_sol.intercept)
+    assert report.alpha == old["alpha"] and report.validation_mse == old["validation_mse"]
+    assert report.parity_gap == old["parity_gap"] and report.fit_rows == old["fit_rows"]
+    g0, g1 = acc.groups(("train", "val"))
+    for a in (0.0, 1e-4):
+        new = solve([g0, g1], 9, mode=mode, alpha=a, fit_intercept=fit_intercept)
+        np.testing.assert_array_equal(new.coef, binary_v1.solve(g0, g1, 9, mode=mode, alpha=a,
+                                                               fit_intercept=fit_intercept).coef)
+
+
+def _null_space_refit(zs, ts, alpha, fit_intercept):
+    """Independent oracle: beta = N gamma with N an orthonormal basis of {b: (zbar_g - zbar_0)^T b = 0},
+    gamma by ridge-augmented lstsq on the (centred) rows."""
+    z, t = np.vstack(zs), np.vstack(ts)
+    n, p = z.shape
+    e = np.stack([zs[g].mean(0) - zs[0].mean(0) for g in range(1, len(zs))], axis=1)
+    u, s, _ = np.linalg.svd(e, full_matrices=True)
+    basis = u[:, int(np.sum(s > 1e-12 * s.max())):]
+    zc, tc = (z - z.mean(0), t - t.mean(0)) if fit_intercept else (z, t)
+    a = np.vstack([zc @ basis, np.sqrt(alpha * n) * basis])
+    rhs = np.vstack([tc, np.zeros((p, t.shape[1]))])
+    beta = basis @ np.linalg.lstsq(a, rhs, rcond=None)[0]
+    return beta.T, (t.mean(0) - z.mean(0) @ beta) if fit_intercept else None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("k", [3, 5])
+def test_fair_k_groups_gives_every_group_the_same_mean_output(seed, fit_intercept, k):
+    zs, ts = make_k_data(seed + 10, 8, k, m=2)
+    acc = k_accumulator(zs, ts, 0.2, seed)[0]
+    sol, report = fit(acc, mode="fair", ridge=1e-3, fit_intercept=fit_intercept, target_kind="label")
+    means = np.stack([z.mean(0) for z in zs]) @ sol.coef.T  # [k, m] mean outputs on the fit rows
+    scale = np.abs(means).max()
+    assert np.ptp(means, axis=0).max() <= 1e-9 * scale
+    assert report.parity_gap == pytest.approx(np.ptp(means, axis=0).max(), abs=1e-9 * scale)
+    assert report.fit_rows == sum(len(z) for z in zs)
+    coef, icpt = _null_space_refit(zs, ts, 1e-3, fit_intercept)
+    assert rel_err(sol.coef, coef) <= 1e-8
+    if fit_intercept:
+        assert rel_err(sol.intercept, icpt) <= 1e-8
+    plain = fit(acc, mode="plain", ridge=1e-3, fit_intercept=fit_intercept, target_kind="label")[1]
+    assert plain.parity_gap > 1e-3 * scale  # the constraint is what closes the gap
+
+
+def test_k_group_refit_invariant_to_relabelling_and_batching():
+    zs, ts = make_k_data(21, 6, 5)
+    base = fit(k_accumulator(zs, ts, 0.0, 0)[0], mode="fair", ridge=1e-4, fit_intercept=True, target_kind="x")[0]
+    perm = [3, 0, 4, 1, 2]
+    other = fit(k_accumulator([zs[g] for g in perm], [ts[g] for g in perm], 0.0, 5, batch=11)[0], mode="fair",
+                ridge=1e-4, fit_intercept=True, target_kind="x")[0]
+    assert rel_err(other.coef, base.coef) <= 1e-9
+    assert rel_err(other.intercept, base.intercept) <= 1e-9
+
+
+def test_constraints_are_raw_differences_against_the_largest_present_group():
+    zs, ts = make_k_data(4, 5, 4)
+    moms = [group_moments(z, t) for z, t in zip(zs, ts)]
+    ref = int(np.argmax([len(z) for z in zs]))
+    e = parity_constraints(moms, 5)
+    want = np.stack([zs[g].mean(0) - zs[ref].mean(0) for g in range(4) if g != ref], axis=1)
+    np.testing.assert_allclose(e, want, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(parity_constraints(moms, 5, ref=0),
+                               np.stack([zs[g].mean(0) - zs[0].mean(0) for g in (1, 2, 3)], axis=1), rtol=1e-12)
+    # a group without rows is not constrained: same solution as without it
+    empty = Moments(6)
+    with_empty = solve([*moms[:2], empty, *moms[2:]], 5, mode="fair", alpha=1e-4, fit_intercept=True)
+    without = solve(moms, 5, mode="fair", alpha=1e-4, fit_intercept=True)
+    np.testing.assert_array_equal(with_empty.coef, without.coef)
+    assert parity_constraints([moms[0], empty], 5).shape == (5, 0)
+
+
+def test_auto_ridge_constrains_only_groups_present_in_the_fit_part():
+    zs, ts = make_k_data(8, 6, 4)
+    acc, z, t, code, in_val = k_accumulator(zs, ts, 0.25, 3)
+    # move every row of group 3 into the validation part
+    acc2 = RefitAccumulator(6, 1, 4)
+    acc2.add(z, t, code, in_val | (code == 3))
+    assert acc2.groups(("train",))[3].n == 0
+    sol, report = fit(acc2, mode="fair", ridge="auto", fit_intercept=True, target_kind="label")
+    assert report.alpha_source == "auto" and set(report.validation_mse) == set(RIDGE_GRID)
+    assert all(np.isfinite(v) for v in report.validation_mse.values())
+    train = acc2.groups(("train",))
+    val = acc2.groups(("val",))
+    pooled = val[0].copy()
+    for v in val[1:]:
+        pooled.merge(v)
+    for a in RIDGE_GRID:
+        want = validation_mse(solve(train[:3], 6, mode="fair", alpha=a, fit_intercept=True), pooled, 6)
+        assert report.validation_mse[a] == want
+    # the final fit constrains all four groups
+    means = np.stack([x.mean(0) for x in zs]) @ sol.coef.T
+    assert np.ptp(means) <= 1e-9 * np.abs(means).max()
+
+
+def test_accumulator_refuses_codes_out_of_range():
+    acc = RefitAccumulator(2, 1, 3)
+    with pytest.raises(ValueError, match="0..2"):
+        acc.add(np.zeros((2, 2)), np.zeros((2, 1)), np.array([0, 3]), np.zeros(2, bool))
+    with pytest.raises(ValueError, match="at least two groups"):
+        RefitAccumulator(2, 1, 1)

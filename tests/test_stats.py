@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnx_esvd.stats import LayerStats, Moments
+from onnx_esvd.stats import GroupStats, LayerStats, Moments
 
 RTOL = 1e-10
 
@@ -162,3 +162,51 @@ def test_layerstats_from_moments_equals_from_arrays_streamed():
     s_direct = LayerStats.from_arrays(x0, x1)
     for name in ("mean0", "mean1", "cov0", "cov1", "gram"):
         assert rel_err(getattr(s_stream, name), getattr(s_direct, name)) <= RTOL, name
+
+
+# --------------------------------------------------------------------------------------------------
+# k groups
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_groupstats_streamed_matches_numpy(k):
+    blocks = [make_rows(40 + g, 30 + 7 * g, 4, float(g)) for g in range(k)]
+    s = GroupStats.from_moments([stream(x, [3, 11]) for x in blocks], labels=[f"g{g}" for g in range(k)])
+    assert s.k == k and s.dim == 4 and s.labels == tuple(f"g{g}" for g in range(k))
+    assert s.counts.tolist() == [len(x) for x in blocks]
+    assert s.means.shape == (k, 4) and s.covs.shape == (k, 4, 4)
+    for g, x in enumerate(blocks):
+        assert rel_err(s.means[g], x.mean(axis=0)) <= RTOL
+        assert rel_err(s.covs[g], np.cov(x, rowvar=False)) <= RTOL
+    x = np.vstack(blocks)
+    assert rel_err(s.gram, x.T @ x) <= RTOL
+    assert GroupStats.from_arrays(*blocks).labels == tuple(str(g) for g in range(k))
+
+
+def test_groupstats_weights():
+    s = GroupStats.from_arrays(make_rows(1, 10, 2, 0.0), make_rows(2, 30, 2, 0.0), make_rows(3, 60, 2, 0.0))
+    np.testing.assert_allclose(s.weights("size"), [0.1, 0.3, 0.6], rtol=1e-15)
+    np.testing.assert_allclose(s.weights("equal"), [1 / 3] * 3, rtol=1e-15)
+    assert s.weights().sum() == pytest.approx(1.0, abs=1e-15)
+    with pytest.raises(ValueError, match="unknown group weights"):
+        s.weights("bogus")
+
+
+def test_layerstats_is_the_two_group_case_bit_for_bit():
+    x0, x1 = make_rows(51, 33, 3, 2.0), make_rows(52, 47, 3, -1.0)
+    two = LayerStats.from_moments(moments_of(x0), moments_of(x1))
+    gen = GroupStats.from_moments([moments_of(x0), moments_of(x1)])
+    assert isinstance(two, GroupStats)
+    for name in ("counts", "means", "covs", "gram"):
+        np.testing.assert_array_equal(getattr(two, name), getattr(gen, name))
+    assert (two.n0, two.n1) == (33, 47)
+    np.testing.assert_array_equal(two.mean1, gen.means[1])
+    np.testing.assert_array_equal(two.cov0, moments_of(x0).covariance())
+    three = GroupStats.from_arrays(x0, x1, make_rows(53, 5, 3, 0.0))
+    with pytest.raises(ValueError, match="two groups only"):
+        _ = three.mean0
+
+
+def test_groupstats_refuses_a_group_with_one_row():
+    with pytest.raises(ValueError):
+        GroupStats.from_arrays(make_rows(1, 10, 2, 0.0), make_rows(2, 1, 2, 0.0), make_rows(3, 6, 2, 0.0))

@@ -82,6 +82,8 @@ def assert_metrics_equal(a, b, tol=TOL):
 def _close(x, y, tol, what):
     if x is None or y is None:
         assert x is None and y is None, (what, x, y)
+    elif isinstance(x, (str, bool, dict)):
+        assert x == y, (what, x, y)
     elif isinstance(x, list):
         assert len(x) == len(y)
         for i, (u, v) in enumerate(zip(x, y)):
