@@ -17,6 +17,7 @@ import onnx
 from .data import Table, _label_text
 from .errors import DataError, LayerError, ModelError, OptionError
 from .graph import LinearLayer, model_inputs, with_outputs
+from .guards import input_fits
 from .metrics import OutputCollector, OutputMetrics
 from .runtime import Runner, pipelined
 from .stats import LayerStats, Moments
@@ -224,6 +225,7 @@ class RowReader:
             feeds, j = {}, 0
             for inp in self.inputs:
                 block = values[:, j:j + len(inp.columns)]
+                input_fits(block, inp.dtype, inp.columns, self.table.name, inp.name)
                 j += len(inp.columns)
                 arr = block.astype(inp.dtype)
                 feeds[inp.name] = arr.reshape(-1) if inp.rank == 1 else arr

@@ -13,6 +13,7 @@ import numpy as np
 import scipy.linalg
 import scipy.optimize
 
+from .errors import OptionError
 from .stats import LayerStats
 
 
@@ -182,7 +183,11 @@ def mean_gap_factor(delta: np.ndarray, eps: float) -> np.ndarray:
     d = delta.shape[0]
     m = np.outer(delta, delta)
     m[np.diag_indices(d)] += eps
-    return scipy.linalg.cholesky(m, lower=True, check_finite=False)
+    try:
+        return scipy.linalg.cholesky(m, lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        raise OptionError(f"--eps {eps:g} is too small for this layer: delta delta^T + eps I is not positive "
+                          "definite in float64; use a larger --eps (default 1e-5)") from None
 
 
 def first_moment_step(weight: np.ndarray, stats: LayerStats, c1: float, eps: float) -> tuple[np.ndarray, StepReport]:

@@ -22,6 +22,7 @@ from . import _json
 from . import refit as refit_mod
 from .errors import DataError, LayerError, ModelError, OptionError
 from .esvd import EsvdResult, esvd
+from .guards import esvd_weight_fits, outputs_finite, refit_fits
 from .graph import (LinearLayer, find_layers, output_path_is_value_preserving,
                     read_weight, select_layer, with_outputs, write_bias, write_weight)
 from .capture import (DataSpec, Progress, RowReader, Rows, as_rows, capture, capture_metrics, data_spec,
@@ -141,9 +142,9 @@ class RepairResult:
 
     def save(self, path: str | Path, *, force: bool = False, source: str | Path | None = None) -> Path:
         """Write the repaired model atomically; refuses to overwrite `source` or (without force) anything."""
-        inputs = (Path(source),) if source is not None else ()
-        out = check_output_path(Path(path), inputs=inputs, force=force)
-        return save_model(self.model, out, external_data=self.external_data)
+        models = (Path(source),) if source is not None else ()
+        out = check_output_path(path, models=models, force=force)
+        return save_model(self.model, out, external_data=self.external_data, force=force, models=models)
 
 
 def default_output_path(model_path: str | Path) -> Path:
@@ -236,6 +237,7 @@ def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Dat
     stats = group_stats(cap, layer, reader, notes)
     if not cap.report.rows:
         raise DataError(f"{table.name}: no rows were left for the report; lower --holdout or add rows")
+    outputs_finite(cap.report, str(loaded.path or "the model"), original.graph.output[0].name)
     return _Prepared(loaded, layer, found.final, spec, reader, cap, stats, read_weight(original, layer),
                      capture_metrics(cap, reader), notes)
 
@@ -254,6 +256,7 @@ def _refit_note(refit: str, prep: _Prepared) -> str:
 def _patched(prep: _Prepared, weight: np.ndarray) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.CopyFrom(prep.original)
+    esvd_weight_fits(weight, prep.layer)
     write_weight(model, prep.layer, weight)
     return model
 
@@ -276,6 +279,7 @@ def _finish(prep: _Prepared, patched: onnx.ModelProto, result: EsvdResult, refit
     """Pass 3 (the report of the repaired model), the result and its metadata record."""
     reader, h = prep.reader, options.holdout
     after_values = report_outputs(patched, reader, h, progress)
+    outputs_finite(after_values, "the repaired model", patched.graph.output[0].name, repaired=True)
     after = capture_metrics(prep.cap, reader, after_values)
     counts = RowCounts(total=reader.total, skipped=reader.skipped, fit=prep.stats.n0 + prep.stats.n1,
                        report=prep.before.rows)
@@ -336,6 +340,7 @@ def _apply_refit(patched: onnx.ModelProto, final: LinearLayer, acc: refit_mod.Re
                  mode: str, ridge: Any) -> refit_mod.RefitReport:
     """Solve the refit from the collected moments and write the final node into `patched`."""
     sol, report = refit_mod.fit(acc, mode=mode, ridge=ridge, fit_intercept=final.bias is not None, target_kind=kind)
+    refit_fits(sol.coef, sol.intercept, final)
     write_weight(patched, final, sol.coef)
     if sol.intercept is not None:
         write_bias(patched, final, sol.intercept)
