@@ -207,6 +207,25 @@ def _check_usable(model: onnx.ModelProto, name: str) -> None:
         raise ModelError(f"{name}: the ONNX file has an empty graph; export the model again")
     if not model.graph.output:
         raise ModelError(f"{name}: the graph has no outputs, so there is nothing to measure; export the model again")
+    bad = _non_utf8_name(model.graph)
+    if bad is not None:
+        raise ModelError(f"{name}: {bad} is not valid UTF-8; ONNX names are UTF-8 text, export the model again")
+
+
+def _non_utf8_name(graph: onnx.GraphProto) -> str | None:
+    """The first name of the main graph that protobuf could not decode as UTF-8 (it returns bytes), or None."""
+    for i, node in enumerate(graph.node):
+        for kind, values in (("name", [node.name]), ("op type", [node.op_type]), ("input", node.input),
+                             ("output", node.output)):
+            for v in values:
+                if isinstance(v, bytes):
+                    return f"the {kind} {v!r} of node #{i}"
+    for kind, items in (("initializer", graph.initializer), ("graph input", graph.input),
+                        ("graph output", graph.output), ("value_info", graph.value_info)):
+        for item in items:
+            if isinstance(item.name, bytes):
+                return f"the {kind} name {item.name!r}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
