@@ -129,9 +129,17 @@ class _Constants:
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
+    """A numeric attribute (transA, transB, alpha, beta) of the node, or `default` when absent."""
     for a in node.attribute:
         if a.name == name:
-            return onnx.helper.get_attribute_value(a)
+            try:
+                value = onnx.helper.get_attribute_value(a)
+            except Exception:  # noqa: BLE001 - an attribute type no ONNX version defines
+                value = None
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ModelError(f"node '{node.name or node.op_type}' has attribute '{name}' that is not a number; "
+                                 "the model is corrupt, export it again")
+            return value
     return default
 
 

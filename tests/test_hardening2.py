@@ -130,9 +130,20 @@ def test_unknown_element_type_is_named_not_a_crash(tmp_path):
     next(t for t in model.graph.initializer if t.name == "W1").data_type = 999
     path = tmp_path / "odd.onnx"
     path.write_bytes(model.SerializeToString())
-    from onnx_esvd import list_layers
+    assert_bad_input(invoke("layers", path), "initializer 'W1' has element type 999")
+    assert_bad_input(_repair_cli(tmp_path, path, SMALL_CSV, "-o", tmp_path / "o.onnx"), "element type 999")
+    from onnx_esvd.graph import find_layers
 
-    assert "unknown (999)" in list_layers(path).refused["Gemm_1"]
+    assert "unknown (999)" in find_layers(model).refused["Gemm_1"]  # the graph module names it too
+
+
+def test_unknown_input_element_type_is_refused(tmp_path):
+    model = onnx.load(str(SMALL))
+    model.graph.input[0].type.tensor_type.elem_type = 77
+    path = tmp_path / "odd_input.onnx"
+    path.write_bytes(model.SerializeToString())
+    assert_bad_input(invoke("check", path, "--data", SMALL_CSV, *COLS, "--max-ks", "1"),
+                     "graph input 'input' has element type 77")
 
 
 def test_model_without_outputs_is_refused(tmp_path):
