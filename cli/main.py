@@ -61,12 +61,13 @@ def _layer_text(value: Optional[str]) -> Optional[str]:
     return value
 
 
-LayerOpt = Annotated[str, typer.Option("--layer", callback=_layer_text, help="Index from `onnx-esvd layers` (negative counts from the "
-                                                       "end: -2 is the second-last) or node name.", show_default=False)]
-AutoLayerOpt = Annotated[str, typer.Option("--layer", callback=_layer_text, help="Index from `onnx-esvd layers` (negative counts from the "
-                                                           "end: -2 is the second-last), node name, or 'auto' "
-                                                           "(audit's top layers and the second-last).",
-                                           show_default=False)]
+LayerOpt = Annotated[str, typer.Option("--layer", callback=_layer_text,
+                                       help="Index from `onnx-esvd layers` (negative counts from the end: -2 is the "
+                                            "second-last) or node name.", show_default=False)]
+AutoLayerOpt = Annotated[str, typer.Option("--layer", callback=_layer_text,
+                                           help="Index from `onnx-esvd layers` (negative counts from the end: -2 is "
+                                                "the second-last), node name, or 'auto' (audit's top layers and the "
+                                                "second-last).", show_default=False)]
 EpsOpt = Annotated[float, typer.Option("--eps", help="The eps of delta delta^T + eps I in the first-moment step.")]
 RidgeOpt = Annotated[str, typer.Option("--ridge", metavar="auto|FLOAT", help="Ridge term of the refit, or 'auto' "
                                                                              "to choose it on held-out fit rows.")]

@@ -3,16 +3,19 @@
 - every weight written into a model is finite and fits the tensor's stored dtype (float16 overflows
   at 65504, float32 at 3.4e38);
 - every input column fits the dtype of the model input it feeds (a float64 1e300 cast to float32 is inf);
-- model outputs are finite on the rows measured (a NaN output makes every metric meaningless).
+- model outputs are finite on the rows measured (a NaN output makes every metric meaningless);
+- a model file read is usable: outputs present, known element types, UTF-8 names, onnx.checker-clean.
 
 Each guard raises the library's one-line errors; none of them changes a value.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import onnx
 
 from .errors import DataError, LayerError, ModelError
 
@@ -112,3 +115,64 @@ def stats_finite(stats, layer, source: str) -> None:
             raise DataError(f"{source}: the inputs of node '{layer.name}' reach values whose squares overflow "
                             "float64, so their statistics are not finite; rescale the feature columns (or check the "
                             "model's weights for huge values)")
+
+
+# ---------------------------------------------------------------------------------------------
+# the model file itself
+
+
+def model_structure_ok(model: onnx.ModelProto, path: Path) -> None:
+    """onnx.checker on the loaded model (nodes without outputs, attributes of the wrong type, ...): what
+    it rejects could never be written back, and would otherwise fail deep inside the graph code."""
+    try:
+        if model.ByteSize() < 2**31 - 2**26:
+            onnx.checker.check_model(model)
+        else:
+            onnx.checker.check_model(str(path))
+    except Exception as exc:  # noqa: BLE001 - onnx raises ValidationError, ValueError, ...
+        raise ModelError(f"{path}: the model fails onnx.checker: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}; export it again") from None
+
+
+def model_usable(model: onnx.ModelProto, name: str) -> None:
+    if not model.HasField("graph") or len(model.graph.node) == 0:
+        raise ModelError(f"{name}: the ONNX file has an empty graph; export the model again")
+    if not model.graph.output:
+        raise ModelError(f"{name}: the graph has no outputs, so there is nothing to measure; export the model again")
+    odd = _unknown_element_type(model.graph)
+    if odd is not None:
+        raise ModelError(f"{name}: {odd}; no ONNX version defines it, so the file is corrupt or from an unknown "
+                         "tool; export the model again")
+    bad = _non_utf8_name(model.graph)
+    if bad is not None:
+        raise ModelError(f"{name}: {bad} is not valid UTF-8; ONNX names are UTF-8 text, export the model again")
+
+
+_KNOWN_TYPES = frozenset(v for v in onnx.TensorProto.DataType.values() if v != onnx.TensorProto.UNDEFINED)
+
+
+def _unknown_element_type(graph: onnx.GraphProto) -> str | None:
+    """The first initializer, graph input or output whose element type no ONNX version defines, or None."""
+    for t in graph.initializer:
+        if t.data_type not in _KNOWN_TYPES:
+            return f"initializer '{t.name}' has element type {t.data_type}"
+    for kind, items in (("graph input", graph.input), ("graph output", graph.output)):
+        for v in items:
+            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type not in _KNOWN_TYPES:
+                return f"{kind} '{v.name}' has element type {v.type.tensor_type.elem_type}"
+    return None
+
+
+def _non_utf8_name(graph: onnx.GraphProto) -> str | None:
+    """The first name of the main graph that protobuf could not decode as UTF-8 (it returns bytes), or None."""
+    for i, node in enumerate(graph.node):
+        for kind, values in (("name", [node.name]), ("op type", [node.op_type]), ("input", node.input),
+                             ("output", node.output)):
+            for v in values:
+                if isinstance(v, bytes):
+                    return f"the {kind} {v!r} of node #{i}"
+    for kind, items in (("initializer", graph.initializer), ("graph input", graph.input),
+                        ("graph output", graph.output), ("value_info", graph.value_info)):
+        for item in items:
+            if isinstance(item.name, bytes):
+                return f"the {kind} name {item.name!r}"
+    return None

@@ -27,6 +27,7 @@ import onnx
 from onnx import external_data_helper
 
 from .errors import ModelError, OutputError
+from .guards import model_structure_ok, model_usable
 
 # Past this a model must be stored with external data (protobuf's 2 GiB limit, with margin).
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
@@ -186,11 +187,11 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
         if any(_uses_external(t) for t in all_tensors(source)):
             raise ModelError("the ModelProto given refers to external data that is not loaded; "
                              "pass the model's file path instead")
-        _check_usable(source, "the model")
+        model_usable(source, "the model")
         return LoadedModel(source, None, False)
     path = Path(source)
     model = _parse(path)
-    _check_usable(model, str(path))
+    model_usable(model, str(path))
     files = _external_files(model, path.parent, path)
     if files:
         try:
@@ -199,65 +200,8 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> LoadedModel:
                     external_data_helper.load_external_data_for_tensor(tensor, str(path.parent))
         except Exception as exc:
             raise ModelError(f"{path}: cannot read its external data: {_first_line(exc)}") from None
-    _check_structure(model, path)
+    model_structure_ok(model, path)
     return LoadedModel(model, path, bool(files), (path.resolve(), *files))
-
-
-def _check_structure(model: onnx.ModelProto, path: Path) -> None:
-    """onnx.checker on the loaded model (nodes without outputs, attributes of the wrong type, ...): what
-    it rejects could never be written back, and would otherwise fail deep inside the graph code."""
-    try:
-        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-            onnx.checker.check_model(model)
-        else:
-            onnx.checker.check_model(str(path))
-    except Exception as exc:  # noqa: BLE001 - onnx raises ValidationError, ValueError, ...
-        raise ModelError(f"{path}: the model fails onnx.checker: {_first_line(exc)}; export it again") from None
-
-
-def _check_usable(model: onnx.ModelProto, name: str) -> None:
-    if not model.HasField("graph") or len(model.graph.node) == 0:
-        raise ModelError(f"{name}: the ONNX file has an empty graph; export the model again")
-    if not model.graph.output:
-        raise ModelError(f"{name}: the graph has no outputs, so there is nothing to measure; export the model again")
-    odd = _unknown_element_type(model.graph)
-    if odd is not None:
-        raise ModelError(f"{name}: {odd}; no ONNX version defines it, so the file is corrupt or from an unknown "
-                         "tool; export the model again")
-    bad = _non_utf8_name(model.graph)
-    if bad is not None:
-        raise ModelError(f"{name}: {bad} is not valid UTF-8; ONNX names are UTF-8 text, export the model again")
-
-
-_KNOWN_TYPES = frozenset(v for v in onnx.TensorProto.DataType.values() if v != onnx.TensorProto.UNDEFINED)
-
-
-def _unknown_element_type(graph: onnx.GraphProto) -> str | None:
-    """The first initializer, graph input or output whose element type no ONNX version defines, or None."""
-    for t in graph.initializer:
-        if t.data_type not in _KNOWN_TYPES:
-            return f"initializer '{t.name}' has element type {t.data_type}"
-    for kind, items in (("graph input", graph.input), ("graph output", graph.output)):
-        for v in items:
-            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type not in _KNOWN_TYPES:
-                return f"{kind} '{v.name}' has element type {v.type.tensor_type.elem_type}"
-    return None
-
-
-def _non_utf8_name(graph: onnx.GraphProto) -> str | None:
-    """The first name of the main graph that protobuf could not decode as UTF-8 (it returns bytes), or None."""
-    for i, node in enumerate(graph.node):
-        for kind, values in (("name", [node.name]), ("op type", [node.op_type]), ("input", node.input),
-                             ("output", node.output)):
-            for v in values:
-                if isinstance(v, bytes):
-                    return f"the {kind} {v!r} of node #{i}"
-    for kind, items in (("initializer", graph.initializer), ("graph input", graph.input),
-                        ("graph output", graph.output), ("value_info", graph.value_info)):
-        for item in items:
-            if isinstance(item.name, bytes):
-                return f"the {kind} name {item.name!r}"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------

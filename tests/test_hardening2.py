@@ -242,6 +242,14 @@ def test_one_stderr_line_in_a_real_process_with_warnings_and_onnxruntime(tmp_pat
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    model = onnx.load(str(SMALL))  # onnxruntime logs a warning for an initializer listed as a graph input
+    w0 = next(t for t in model.graph.initializer if t.name == "W0")
+    model.graph.input.append(helper.make_tensor_value_info("W0", w0.data_type, list(w0.dims)))
+    onnx.save(model, str(tmp_path / "init_input.onnx"))
+    quiet = subprocess.run([sys.executable, "-m", "onnx_esvd_cli.main", "check", str(tmp_path / "init_input.onnx"),
+                            "--data", str(SMALL_CSV), *COLS, "--max-ks", "1", "-q"],
+                           capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
     usage = subprocess.run([sys.executable, "-m", "onnx_esvd_cli.main", "repair", str(SMALL), "--seed", "abc"],
                            capture_output=True, text=True, timeout=120)
     assert usage.returncode == 2 and len(usage.stderr.strip().splitlines()) == 1, usage.stderr
