@@ -303,7 +303,7 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, *, external_da
             if created:
                 _unlink_quietly(dest)
             raise
-    _WRITTEN.extend([out, dest] if data_name else [out])
+        _WRITTEN.extend([out, dest] if data_name else [out])
     for stale in old_data:
         if stale != dest.resolve() and stale not in keep:
             _unlink_quietly(stale)

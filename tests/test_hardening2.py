@@ -200,6 +200,23 @@ def test_sparse_initializer_location_is_checked_too(tmp_path):
         load_model(path)
 
 
+def test_sparse_initializer_data_is_read_from_the_models_directory(tmp_path, monkeypatch):
+    model = onnx.load(str(SMALL))
+    values = numpy_helper.from_array(np.array([1.5, -2.0], dtype=np.float32), "sp")
+    (tmp_path / "sp.bin").write_bytes(values.raw_data)
+    _point_at(values, "sp.bin")
+    indices = numpy_helper.from_array(np.array([0, 3], dtype=np.int64), "sp_idx")
+    model.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [4]))
+    path = tmp_path / "sparse_ok.onnx"
+    path.write_bytes(model.SerializeToString())
+    monkeypatch.chdir(FIXTURES)  # not the model's directory: the data must still be found beside the model
+    loaded = load_model(path)
+    sparse = loaded.model.graph.sparse_initializer[0]
+    assert not sparse.values.external_data
+    assert np.array_equal(numpy_helper.to_array(sparse.values), [1.5, -2.0])
+    assert tmp_path / "sp.bin" in loaded.files
+
+
 @pytest.mark.parametrize("option, value, needle", [
     ("--batch-size", str(2**63), "--batch-size"),
     ("--eps", "1e-300", "--eps 1e-300 is too small"),
