@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv dev clean fixtures bench bench-paper bench-exporters bench-budget
+.PHONY: demo test venv dev clean fixtures bench bench-paper bench-exporters bench-budget fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
+
+# The command-line fuzz of tests/test_fuzz.py, longer (the suite runs 100 seeded runs); about 5 minutes.
+# FUZZ_SEED=n picks another sequence.
+FUZZ_RUNS ?= 2000
+fuzz: $(VENV)/.installed-dev
+	FUZZ_RUNS=$(FUZZ_RUNS) FUZZ_SEED=$${FUZZ_SEED:-1} $(BIN)/python -m pytest -q tests/test_fuzz.py::test_fuzz_bounded
 
 # Benchmark and fixture tools: torch==2.13.0 (CPU), onnxscript, scikit-learn, skl2onnx, matplotlib.
 $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python

@@ -12,10 +12,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import handled
+from .errors import OneLineErrors, handled
 
 app = typer.Typer(
     name="onnx-esvd",
+    cls=OneLineErrors,
     help="Repair statistical-parity gaps in ONNX regression models by rewriting their weights "
          "(explainable SVD). The repaired model needs no sensitive attribute at inference.",
     no_args_is_help=True,
@@ -29,7 +30,7 @@ app = typer.Typer(
 ModelArg = Annotated[Path, typer.Argument(help="The ONNX model file.", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")]
-PlotOpt = Annotated[Optional[Path], typer.Option("--plot", metavar="PATH", help="Also draw a picture there "
+PlotOpt = Annotated[Optional[str], typer.Option("--plot", metavar="PATH", help="Also draw a picture there "
                                                                              "(PNG; needs matplotlib).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress line on stderr.")]
 DataOpt = Annotated[Path, typer.Option("--data", help="Calibration data: CSV with a header line, or .npz.",
@@ -41,13 +42,32 @@ GroupsOpt = Annotated[Optional[str], typer.Option(
                                     "than two; other rows are skipped).")]
 TargetOpt = Annotated[Optional[str], typer.Option(
     "--target", help="Label column: enables MSE/MAE and the label-based refit.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Rows per onnxruntime run.")]
-LayerOpt = Annotated[str, typer.Option("--layer", help="Index from `onnx-esvd layers` (negative counts from the "
-                                                       "end: -2 is the second-last) or node name.", show_default=False)]
-AutoLayerOpt = Annotated[str, typer.Option("--layer", help="Index from `onnx-esvd layers` (negative counts from the "
-                                                           "end: -2 is the second-last), node name, or 'auto' "
-                                                           "(audit's top layers and the second-last).",
-                                           show_default=False)]
+BatchOpt = Annotated[int, typer.Option("--batch-size", max=2**31 - 1, help="Rows per onnxruntime run.")]
+
+
+def _layer_text(value: Optional[str]) -> Optional[str]:
+    """An index is ASCII digits with an optional sign; int() would also take '٣', ' 1_0 ' and the like."""
+    import re
+
+    if value is None:
+        return value
+    text = value.strip()
+    try:
+        int(text)
+    except ValueError:
+        return value
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise typer.BadParameter(f"{value!r} is not an index in ASCII digits (like -2) nor a node name")
+    return value
+
+
+LayerOpt = Annotated[str, typer.Option("--layer", callback=_layer_text,
+                                       help="Index from `onnx-esvd layers` (negative counts from the end: -2 is the "
+                                            "second-last) or node name.", show_default=False)]
+AutoLayerOpt = Annotated[str, typer.Option("--layer", callback=_layer_text,
+                                           help="Index from `onnx-esvd layers` (negative counts from the end: -2 is "
+                                                "the second-last), node name, or 'auto' (audit's top layers and the "
+                                                "second-last).", show_default=False)]
 EpsOpt = Annotated[float, typer.Option("--eps", help="The eps of delta delta^T + eps I in the first-moment step.")]
 RidgeOpt = Annotated[str, typer.Option("--ridge", metavar="auto|FLOAT", help="Ridge term of the refit, or 'auto' "
                                                                              "to choose it on held-out fit rows.")]
@@ -141,7 +161,7 @@ def repair(
     holdout: HoldoutOpt = None,
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 4096,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (default: MODEL stem + "
+    output: Annotated[Optional[str], typer.Option("-o", "--output", help="Output file (default: MODEL stem + "
                                                                           ".esvd.onnx next to MODEL).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
     max_ks: Annotated[Optional[float], typer.Option("--max-ks", help="Search c1 x c2 and keep the lowest-MSE "
@@ -164,14 +184,14 @@ def repair(
         from .progress import Progress
         from .report import budget_report, repair_report
 
-        out = output if output is not None else default_output_path(model)
-        reads = tuple(p for p in (model, data, evaluate) if p is not None)
-        check_output_path(out, inputs=reads, force=force)
+        reads = tuple(p for p in (data, evaluate) if p is not None)
+        out = check_output_path(output if output is not None else default_output_path(model), inputs=reads,
+                                models=(model,), force=force)
         ridge_value = _ridge(ridge)
         if plot is not None:
             from onnx_esvd.plots import check_plot_path
 
-            check_output_path(plot, inputs=(*reads, out), force=True, option="--plot")
+            check_output_path(plot, inputs=(*reads, out), models=(model,), force=True, option="--plot")
             check_plot_path(plot)
         progress = Progress(quiet=quiet)
         budget = None
@@ -261,8 +281,8 @@ def sweep(
         if plot is not None:
             from onnx_esvd.plots import check_plot_path
 
-            check_output_path(plot, inputs=tuple(p for p in (model, data, evaluate) if p is not None), force=True,
-                              option="--plot")
+            check_output_path(plot, inputs=tuple(p for p in (data, evaluate) if p is not None), models=(model,),
+                              force=True, option="--plot")
             check_plot_path(plot)
         progress = Progress(quiet=quiet)
         try:
@@ -347,7 +367,7 @@ def check(
                                                                        "--target).")] = None,
     max_mae: Annotated[Optional[float], typer.Option("--max-mae", help="Fail above this MAE (needs "
                                                                        "--target).")] = None,
-    junit: Annotated[Optional[Path], typer.Option("--junit", metavar="PATH", help="Also write a JUnit XML "
+    junit: Annotated[Optional[str], typer.Option("--junit", metavar="PATH", help="Also write a JUnit XML "
                                                                                   "report there.")] = None,
     batch_size: BatchOpt = 4096,
     json_out: JsonOpt = False,
@@ -366,7 +386,7 @@ def check(
         from .report import check_report
 
         if junit is not None:
-            check_output_path(junit, inputs=(model, data), force=True, option="--junit")
+            check_output_path(junit, inputs=(data,), models=(model,), force=True, option="--junit")
         started = time.perf_counter()
         progress = Progress(quiet=quiet)
         try:

@@ -17,6 +17,7 @@ import onnx
 from .data import Table, _label_text, normalise_labels
 from .errors import DataError, LayerError, ModelError, OptionError
 from .graph import LinearLayer, model_inputs, with_outputs
+from .guards import input_fits, stats_finite
 from .metrics import OutputCollector, OutputMetrics
 from .runtime import Runner, pipelined
 from .score import Score
@@ -400,6 +401,7 @@ class RowReader:
                     feeds[inp.name] = arr.reshape((len(code), *inp.shape))
                     continue
                 block = values[:, j:j + len(inp.columns)]
+                input_fits(block, inp.dtype, inp.columns, self.table.name, inp.name)
                 j += len(inp.columns)
                 feeds[inp.name] = feed_block(block, inp, None, where)
             target = values[:, j] if self.spec.target else None
@@ -556,7 +558,9 @@ def group_stats(cap: Capture, layer: LinearLayer, reader: RowReader, notes: list
         if n_g < d:
             notes.append(f"group {labels[g]!r} has {n_g} fit rows, fewer than the layer width {d}: its covariance "
                          "is rank deficient, so the second-moment step sees only part of the disparity")
-    return LayerStats.from_moments(merged[0], merged[1])
+    stats = LayerStats.from_moments(merged[0], merged[1])
+    stats_finite(stats, layer, reader.table.name)
+    return stats
 
 
 def report_outputs(model: onnx.ModelProto, reader: RowReader, holdout: float, progress: Progress,

@@ -16,6 +16,7 @@ import numpy as np
 import scipy.linalg
 import scipy.optimize
 
+from .errors import OptionError
 from .stats import GroupStats, GroupWeights
 
 
@@ -233,7 +234,11 @@ def mean_gap_factor(delta: np.ndarray, eps: float) -> np.ndarray:
     d = delta.shape[-1]
     m = np.outer(delta, delta) if delta.ndim == 1 else delta.T @ delta
     m[np.diag_indices(d)] += eps
-    return scipy.linalg.cholesky(m, lower=True, check_finite=False)
+    try:
+        return scipy.linalg.cholesky(m, lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        raise OptionError(f"--eps {eps:g} is too small for this layer: delta delta^T + eps I is not positive "
+                          "definite in float64; use a larger --eps (default 1e-5)") from None
 
 
 def mean_gap_rows(stats: GroupStats, weights: GroupWeights = "size") -> np.ndarray:

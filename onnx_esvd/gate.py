@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from .capture import (Progress, capture, capture_metrics, check_groups_present, data_spec, open_rows, source_name)
 from .errors import OptionError
+from .guards import outputs_finite
 from .metrics import OutputMetrics
 from .modelio import load_model
 from .score import resolve_score
@@ -106,6 +107,7 @@ def measure(model: Any, data: Any, *, group: str, groups: Sequence[str] | None =
     reader = open_rows(loaded.model, data, spec, batch_size=batch_size)
     cap = capture(loaded.model, [], reader, 0.0, progress or (lambda name, rows: None), scored)
     check_groups_present(cap, reader)
+    outputs_finite(cap.report, source_name(model), scored.output)
     return Measured(capture_metrics(cap, reader), reader.group_labels(), reader.total, reader.skipped,
                     scored.describe(cap.width))
 

@@ -16,6 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import LayerError, ModelError
+from .guards import model_weight_finite, weight_fits
 
 #: Ops that pass a tensor's values on unchanged (shape or dtype only).
 SHAPE_ONLY_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast"})
@@ -97,6 +98,14 @@ class GraphLayers:
         return None
 
 
+def _type_name(elem_type: int) -> str:
+    """The ONNX name of an element type, or 'unknown (N)' for a number no ONNX version defines."""
+    try:
+        return onnx.TensorProto.DataType.Name(elem_type)
+    except ValueError:
+        return f"unknown ({elem_type})"
+
+
 def node_label(node: onnx.NodeProto, position: int) -> str:
     """A node's name, or `Op#position` when it has none."""
     return node.name or f"{node.op_type}#{position}"
@@ -127,9 +136,17 @@ class _Constants:
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
+    """A numeric attribute (transA, transB, alpha, beta) of the node, or `default` when absent."""
     for a in node.attribute:
         if a.name == name:
-            return onnx.helper.get_attribute_value(a)
+            try:
+                value = onnx.helper.get_attribute_value(a)
+            except Exception:  # noqa: BLE001 - an attribute type no ONNX version defines
+                value = None
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ModelError(f"node '{node.name or node.op_type}' has attribute '{name}' that is not a number; "
+                                 "the model is corrupt, export it again")
+            return value
     return default
 
 
@@ -238,7 +255,7 @@ def find_layers(model: onnx.ModelProto, score_tensor: str | None = None) -> Grap
             continue
         if w_tensor.data_type not in _FLOAT_TYPES:
             refused[label] = (f"node '{label}' ({node.op_type}) has a weight of type "
-                              f"{onnx.TensorProto.DataType.Name(w_tensor.data_type)}; only float16, float32 "
+                              f"{_type_name(w_tensor.data_type)}; only float16, float32 "
                               "and float64 weights can be repaired")
             continue
         if len(w_tensor.dims) != 2:
@@ -376,6 +393,7 @@ def _tensor_array(model: onnx.ModelProto, name: str) -> np.ndarray:
 def read_weight(model: onnx.ModelProto, layer: LinearLayer) -> np.ndarray:
     """The effective weight `W: [out, in] float64` of the layer (alpha and transB applied)."""
     stored = _tensor_array(model, layer.weight).astype(np.float64)
+    model_weight_finite(stored, layer.weight, layer.name)
     if layer.op == "Gemm":
         b_eff = stored.T if layer.trans_b else stored  # [in, out]
         return layer.alpha * b_eff.T
@@ -390,11 +408,19 @@ def read_bias(model: onnx.ModelProto, layer: LinearLayer) -> np.ndarray | None:
     return layer.beta * stored if layer.op == "Gemm" else stored
 
 
-def _fill(tensor: onnx.TensorProto, values: np.ndarray) -> None:
-    """Replace a tensor's data in place; its name, shape, type and doc string stay."""
-    dtype = _FLOAT_TYPES[tensor.data_type]
+def _fill(tensor: onnx.TensorProto, values: np.ndarray, what: str) -> None:
+    """Replace a tensor's data in place; its name, shape, type and doc string stay.
+
+    Refuses (LayerError) values that are not finite or do not fit the stored dtype: a model is never
+    written with an inf or NaN weight. `what` names the tensor and its node for the message.
+    """
+    dtype = _FLOAT_TYPES.get(tensor.data_type)
+    if dtype is None:
+        raise LayerError(f"{what} has element type {_type_name(tensor.data_type)}; only float16, float32 and "
+                         "float64 tensors can be rewritten")
+    weight_fits(values, dtype, what, "check the calibration data for extreme values, or use --refit none")
     dims = list(tensor.dims)
-    arr = np.ascontiguousarray(np.asarray(values).astype(dtype).reshape(dims))
+    arr = np.ascontiguousarray(np.asarray(values, dtype=np.float64).astype(dtype).reshape(dims))
     fresh = numpy_helper.from_array(arr, tensor.name)
     doc = tensor.doc_string
     tensor.CopyFrom(fresh)
@@ -428,16 +454,17 @@ def _write_constant(model: onnx.ModelProto, node_index: int, slot: int, values: 
     source = consts.tensor(name)
     if source is None:
         raise ModelError(f"tensor '{name}' of node '{node_label(node, node_index)}' is not a constant")
+    what = f"tensor '{name}' of node '{node_label(node, node_index)}'"
     if shared:
         copy = onnx.TensorProto()
         copy.CopyFrom(source)
         copy.name = _unique_name(model, name)
         copy.ClearField("doc_string")
-        _fill(copy, values)
+        _fill(copy, values, what)
         graph.initializer.append(copy)
         node.input[slot] = copy.name
         return
-    _fill(source, values)
+    _fill(source, values, what)
 
 
 def write_weight(model: onnx.ModelProto, layer: LinearLayer, weight: np.ndarray) -> None:

@@ -23,6 +23,7 @@ from . import _json
 from . import refit as refit_mod
 from .errors import DataError, LayerError, ModelError, OptionError
 from .esvd import EsvdResult, esvd
+from .guards import esvd_weight_fits, outputs_finite, refit_fits
 from .graph import (LinearLayer, find_layers, output_path_is_value_preserving,
                     read_weight, select_layer, with_outputs, write_bias, write_weight)
 from .capture import (DataSpec, OutputDrift, Progress, RowReader, Rows, as_rows, capture, capture_metrics,
@@ -160,9 +161,9 @@ class RepairResult:
 
     def save(self, path: str | Path, *, force: bool = False, source: str | Path | None = None) -> Path:
         """Write the repaired model atomically; refuses to overwrite `source` or (without force) anything."""
-        inputs = (Path(source),) if source is not None else ()
-        out = check_output_path(Path(path), inputs=inputs, force=force)
-        return save_model(self.model, out, external_data=self.external_data)
+        models = (Path(source),) if source is not None else ()
+        out = check_output_path(path, models=models, force=force)
+        return save_model(self.model, out, external_data=self.external_data, force=force, models=models)
 
 
 def default_output_path(model_path: str | Path) -> Path:
@@ -316,6 +317,7 @@ def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Dat
     if not cap.report.rows:
         where = evaluate.name if evaluate is not None else table.name
         raise DataError(f"{where}: no rows were left for the report; lower --holdout or add rows")
+    outputs_finite(cap.report, str(loaded.path or "the model"), score.output)
     return _Prepared(loaded, layer, final, spec, reader, cap, stats, read_weight(original, layer),
                      capture_metrics(cap, reader), notes, score, others, report_reader,
                      0.0 if evaluate is not None else holdout)
@@ -348,6 +350,7 @@ def _refit_note(refit: str, prep: _Prepared) -> str:
 def _patched(prep: _Prepared, weight: np.ndarray) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.CopyFrom(prep.original)
+    esvd_weight_fits(weight, prep.layer)
     write_weight(model, prep.layer, weight)
     return model
 
@@ -370,6 +373,7 @@ def _finish(prep: _Prepared, patched: onnx.ModelProto, result: EsvdResult, refit
     """Pass 3 (the report of the repaired model), the result and its metadata record."""
     reader, rr, h = prep.reader, prep.report_reader, prep.report_holdout
     after_values = report_outputs(patched, rr, h, progress, prep.score)
+    outputs_finite(after_values, "the repaired model", prep.score.output, repaired=True)
     after = capture_metrics(prep.cap, reader, after_values)
     drifts = tuple(dataclasses.replace(d, how=o.how) for o, d in zip(
         prep.others, output_drift(prep.original, patched, rr, h, [o.name for o in prep.others], progress)))
@@ -486,6 +490,7 @@ def _apply_refit(patched: onnx.ModelProto, prep: _Prepared, data: _RefitData, mo
 def _write_refit(patched: onnx.ModelProto, final: LinearLayer, acc: refit_mod.RefitAccumulator, mode: str,
                  ridge: Any, kind: str) -> refit_mod.RefitReport:
     sol, report = refit_mod.fit(acc, mode=mode, ridge=ridge, fit_intercept=final.bias is not None, target_kind=kind)
+    refit_fits(sol.coef, sol.intercept, final)
     write_weight(patched, final, sol.coef)
     if sol.intercept is not None:
         write_bias(patched, final, sol.intercept)

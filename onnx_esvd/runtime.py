@@ -31,6 +31,9 @@ class Runner:
     def __init__(self, model: onnx.ModelProto, outputs: Sequence[str]) -> None:
         import onnxruntime as ort
 
+        # onnxruntime's own log lines (warnings about unused initializers, ...) never reach stderr:
+        # the tool reports what matters as one line.
+        ort.set_default_logger_severity(3)
         feed_names = {i.name for i in model.graph.input}
         self.fixed_batch = static_batch(model)
         self.outputs = list(outputs)

@@ -63,7 +63,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
-        save_model(res.model, out)
+        save_model(res.model, out, force=True)
     assert out.read_bytes() == b"old contents"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.onnx"]
 

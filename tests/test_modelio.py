@@ -35,7 +35,7 @@ def test_external_data_round_trip(tmp_path):
     res = repair(src, DATA, layer=-2, group="race1", target="ugpa")
     assert res.external_data
     out = res.save(tmp_path / "fixed.onnx")
-    assert (tmp_path / "fixed.onnx.data").is_file()
+    assert [p.name for p in tmp_path.glob("fixed.onnx.*.data")] == [_data_file(out).name]
     # the graph file itself holds no weights: they live in the data file next to it
     assert os.path.getsize(out) < 50_000
     saved = onnx.load(str(out))
@@ -45,13 +45,22 @@ def test_external_data_round_trip(tmp_path):
     assert changed == {res.layer.weight, res.final.weight, res.final.bias}
 
 
+def _data_file(model_path: Path) -> Path:
+    """The one external data file a saved model refers to."""
+    proto = onnx.load(str(model_path), load_external_data=False)
+    names = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    assert len(names) == 1, names
+    return model_path.parent / names.pop()
+
+
 def test_stale_data_file_is_replaced_not_appended(tmp_path):
     src = _external_copy(tmp_path)
     res = repair(src, DATA, layer=-2, group="race1", target="ugpa")
     res.save(tmp_path / "fixed.onnx")
-    size = os.path.getsize(tmp_path / "fixed.onnx.data")
+    size = os.path.getsize(_data_file(tmp_path / "fixed.onnx"))
     res.save(tmp_path / "fixed.onnx", force=True)
-    assert os.path.getsize(tmp_path / "fixed.onnx.data") == size
+    assert os.path.getsize(_data_file(tmp_path / "fixed.onnx")) == size
+    assert len(list(tmp_path.glob("fixed.onnx*.data"))) == 1
     saved = _arrays(onnx.load(str(tmp_path / "fixed.onnx")))
     assert np.array_equal(saved[res.layer.weight], numpy_helper.to_array(
         next(t for t in res.model.graph.initializer if t.name == res.layer.weight)))

@@ -150,7 +150,7 @@ def test_lambda_zero_final_node_is_ridge_least_squares():
     mo = [Moments(H + 1), Moments(H + 1)]
     for c in (0, 1):
         mo[c].add(np.hstack([z[g == c], t[g == c]]))
-    want = solve(mo[0], mo[1], H, mode="plain", alpha=1e-2, fit_intercept=True)
+    want = solve([mo[0], mo[1]], H, mode="plain", alpha=1e-2, fit_intercept=True)
     new, _ = penalised_fit(x, t, g, chain, lam=0.0, tune="final", ridge=1e-2, maxiter=500)
     assert np.allclose(new.layers[1].W, want.coef, rtol=1e-4, atol=1e-6)
     assert np.allclose(new.layers[1].b, want.intercept, rtol=1e-4, atol=1e-6)
@@ -297,7 +297,7 @@ def end_to_end(n_fit: int = 6000, n_test: int = 20000, lam: float = 1.0):
     mo = [Moments(p + 1), Moments(p + 1)]
     for c in (0, 1):
         mo[c].add(np.hstack([z[g == c], t[g == c]]))
-    fair = solve(mo[0], mo[1], p, mode="fair", alpha=1e-4, fit_intercept=True)
+    fair = solve([mo[0], mo[1]], p, mode="fair", alpha=1e-4, fit_intercept=True)
     var = solve_moments(mo, p, alpha=1e-4, fit_intercept=True, kappa=0.0)
     cdf, _ = penalised_fit(z, t, g, Chain([(fair.coef, fair.intercept, "identity")]), lam=lam, kind="cdf",
                            ridge=1e-4)

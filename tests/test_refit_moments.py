@@ -60,7 +60,7 @@ def test_both_constraints_hold(seed, p, m, kappa, fit_intercept):
         assert abs(d @ beta) <= 1e-9 * np.linalg.norm(d) * np.linalg.norm(beta)
         scale = beta @ (c0 + c1) @ beta + abs(diag.g0[j])
         assert abs(beta @ dmat @ beta - kappa * diag.g0[j]) <= 1e-9 * scale
-    fair = solve(groups[0], groups[1], p, mode="fair", alpha=1e-3, fit_intercept=fit_intercept)
+    fair = solve([groups[0], groups[1]], p, mode="fair", alpha=1e-3, fit_intercept=fit_intercept)
     for j in range(m):  # g0 is the fair solution's variance gap
         bf = fair.coef[j]
         assert diag.g0[j] == pytest.approx(bf @ dmat @ bf, rel=1e-9, abs=1e-12)
@@ -99,7 +99,7 @@ def test_kappa_one_reproduces_fair_and_is_continuous():
     p, m = 6, 2
     z0, z1, t0, t1 = make_rows(3, p, m)
     groups = [moments(z0, t0), moments(z1, t1)]
-    fair = solve(groups[0], groups[1], p, mode="fair", alpha=1e-3, fit_intercept=True)
+    fair = solve([groups[0], groups[1]], p, mode="fair", alpha=1e-3, fit_intercept=True)
     one = solve_moments(groups, p, alpha=1e-3, fit_intercept=True, kappa=1.0)
     assert np.max(np.abs(one.coef - fair.coef)) <= 1e-10 * np.max(np.abs(fair.coef))
     assert np.max(np.abs(one.intercept - fair.intercept)) <= 1e-10 * (1 + np.max(np.abs(fair.intercept)))
@@ -114,7 +114,7 @@ def test_kappa_zero_equalises_group_variances_and_means_on_fit_rows(fit_intercep
     groups = [moments(z0, t0), moments(z1, t1)]
     sol = solve_moments(groups, p, alpha=1e-3, fit_intercept=fit_intercept, kappa=0.0)
     y0, y1 = z0 @ sol.coef.T, z1 @ sol.coef.T
-    fair = solve(groups[0], groups[1], p, mode="fair", alpha=1e-3, fit_intercept=fit_intercept)
+    fair = solve([groups[0], groups[1]], p, mode="fair", alpha=1e-3, fit_intercept=fit_intercept)
     f0, f1 = z0 @ fair.coef.T, z1 @ fair.coef.T
     assert abs(np.std(f0, ddof=1) - np.std(f1, ddof=1)) > 0.1  # the fair solution does differ
     assert np.std(y0, ddof=1) == pytest.approx(np.std(y1, ddof=1), rel=1e-9)
@@ -150,7 +150,7 @@ def test_equal_covariances_return_fair():
     z0b, t0b = z0[:100], t0[:100]
     groups = [moments(z0b, t0b), moments(z1, t1)]
     sol, diag = solve_moments(groups, p, alpha=1e-3, fit_intercept=True, kappa=0.0, return_diagnostics=True)
-    fair = solve(groups[0], groups[1], p, mode="fair", alpha=1e-3, fit_intercept=True)
+    fair = solve([groups[0], groups[1]], p, mode="fair", alpha=1e-3, fit_intercept=True)
     assert diag.cases == ("fair",)
     assert np.allclose(sol.coef, fair.coef, rtol=1e-9, atol=1e-12)
 
