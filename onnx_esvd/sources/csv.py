@@ -237,16 +237,29 @@ class CsvTable(Table):
         """[n, len(idx)] float64; missing tokens -> NaN; anything else that is not a number is refused."""
         if not idx or not records:
             return np.zeros((len(records), len(idx)))
-        try:
-            return self._loadtxt(records, idx, float, line_numbers)
-        except DataError:
-            raise
-        except ValueError:
-            pass  # a missing token or a bad value somewhere: parse as text, then convert
-        raw = self._loadtxt(records, idx, str, line_numbers)
-        out = np.empty(raw.shape, dtype=np.float64)
-        for j in range(raw.shape[1]):
-            field = np.char.strip(raw[:, j])
+        # Columns where a field is no plain number (a missing token or a bad value) are parsed as text
+        # and converted below; the others stay on loadtxt's fast float parser.
+        out = np.empty((len(records), len(idx)), dtype=np.float64)
+        slow: list[int] = []  # positions in idx
+        while True:
+            fast = [j for j in range(len(idx)) if j not in slow]
+            if not fast:
+                break
+            try:
+                out[:, fast] = self._loadtxt(records, [idx[j] for j in fast], float, line_numbers)
+                break
+            except DataError:
+                raise
+            except ValueError as exc:
+                m = re.search(r"at row \d+, column (\d+)", str(exc))
+                col = int(m.group(1)) - 1 if m else -1
+                hit = [j for j in fast if idx[j] == col]
+                slow += hit if hit else fast
+        if not slow:
+            return out
+        raw = self._loadtxt(records, [idx[j] for j in slow], str, line_numbers)
+        for k, j in enumerate(slow):
+            field = np.char.strip(raw[:, k])
             missing = np.isin(np.char.lower(field), MISSING_TOKENS)
             try:
                 out[:, j] = np.where(missing, "nan", field).astype(np.float64)
@@ -257,7 +270,7 @@ class CsvTable(Table):
                         if _DECIMAL_COMMA.fullmatch(value):
                             raise DataError(f"{where} holds '{value}', a decimal comma; export the file with a decimal "
                                             "point (1.5, not 1,5)") from None
-                        raise DataError(f"{where} holds '{raw[r, j]}', not a number; clean or drop that row") from None
+                        raise DataError(f"{where} holds '{raw[r, k]}', not a number; clean or drop that row") from None
                 raise
         return out
 
