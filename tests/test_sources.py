@@ -394,3 +394,20 @@ def test_plain_runs_do_not_import_pandas_or_pyarrow(tmp_path):
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pandas', 'pyarrow')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_rows_with_extra_or_missing_fields_are_refused(tmp_path):
+    """An unquoted decimal comma in a comma file would shift the fields of its row: never read it."""
+    (tmp_path / "shift.csv").write_text("x0,x1,g,y\n1,2,a,0\n1,5,2,b,1\n3,4,a,0\n")
+    msg = _err(tmp_path / "shift.csv", ["x0"], (), batch_size=10)
+    assert "line 3" in msg and "5 fields" in msg and "4" in msg
+    (tmp_path / "short.csv").write_text("x0,x1,g,y\n1,2,a,0\n1,2,b\n")
+    assert "line 3" in _err(tmp_path / "short.csv", ["x0"], ())
+
+
+def test_parquet_nested_column_is_refused_in_one_line(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"x0": [1.0, 2.0], "g": pa.array([[1], [2, 3]])}), tmp_path / "n.parquet")
+    assert "'g'" in _err(tmp_path / "n.parquet", ["x0"], ("g",))
+    assert "'g'" in _err(tmp_path / "n.parquet", ["g"], ())

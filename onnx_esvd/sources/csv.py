@@ -165,6 +165,7 @@ class CsvTable(Table):
                     if len(nonblank) < len(records):
                         records = [records[i] for i in nonblank]
                         line_numbers = line_numbers[nonblank]
+                self._check_field_counts(records, line_numbers)
                 n_rows = len(records)
                 index = None
                 if keep is not None and n_rows:  # parse only the rows asked for
@@ -178,6 +179,21 @@ class CsvTable(Table):
                     texts = self._strings(records, tidx, line_numbers)
                     yield Batch(start, values, {c: texts[:, j] for j, c in enumerate(text)}, line_numbers, index)
                 start += n_rows
+
+    def _check_field_counts(self, records: list[str], line_numbers: np.ndarray) -> None:
+        """Refuse a record with more or fewer fields than the header (e.g. an unquoted decimal comma
+        "1,5" in a comma file shifts every later field: a silently wrong row). Chunks holding quotes
+        are left to the parser (a quoted field may hold the delimiter)."""
+        d, want = self.delimiter, len(self.columns) - 1
+        joined = "".join(records)
+        if '"' in joined or joined.count(d) == want * len(records):
+            return
+        for record, line in zip(records, line_numbers):
+            got = record.count(d)
+            if got != want:
+                raise DataError(f"{self.path}: line {line} has {got + 1} fields but the header has {want + 1}; "
+                                "quote values that hold the delimiter (or a decimal comma: export with a decimal "
+                                "point) and fix that row")
 
     def _records(self, chunk: list[str], f: IO[str], first_line: int) -> tuple[list[str], np.ndarray, int]:
         """The chunk's lines joined into records (a quoted field may hold newlines): records, [n] first
