@@ -411,3 +411,35 @@ def test_parquet_nested_column_is_refused_in_one_line(tmp_path):
     pq.write_table(pa.table({"x0": [1.0, 2.0], "g": pa.array([[1], [2, 3]])}), tmp_path / "n.parquet")
     assert "'g'" in _err(tmp_path / "n.parquet", ["x0"], ("g",))
     assert "'g'" in _err(tmp_path / "n.parquet", ["g"], ())
+
+
+# ------------------------------------------------------------------------------------------------
+# property: any small table, written in any dialect the csv module produces, reads back the same
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+_labels = st.sampled_from(["a", "b b", "x,y", "p;q", "t\tu", "pipe|d", 'say "hi"', "two\nlines", "1", "é"])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(_finite, _finite, _labels), min_size=1, max_size=25),
+       delimiter=st.sampled_from([",", ";", "\t", "|"]), newline=st.sampled_from(["\n", "\r\n"]),
+       bom=st.booleans(), compression=st.sampled_from(["", ".gz", ".bz2", ".xz"]),
+       batch_size=st.integers(min_value=1, max_value=30))
+def test_csv_dialect_round_trip_property(tmp_path, rows, delimiter, newline, bom, compression, batch_size):
+    import csv
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, delimiter=delimiter, lineterminator=newline)
+    writer.writerow(["u", "v", "g"])
+    writer.writerows([repr(u), repr(v), g] for u, v, g in rows)
+    data = (("\ufeff" if bom else "") + buf.getvalue()).encode("utf-8")
+    compress = {"": lambda b: b, ".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[compression]
+    path = tmp_path / f"prop.csv{compression}"
+    path.write_bytes(compress(data))
+    values, text, index, _ = read_all(open_table(path), ["u", "v"], ("g",), batch_size=batch_size)
+    np.testing.assert_array_equal(values, np.array([[u, v] for u, v, _ in rows], dtype=np.float64))
+    assert list(text["g"]) == [g for _, _, g in rows]
+    assert list(index) == list(range(len(rows)))
