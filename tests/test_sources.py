@@ -222,12 +222,34 @@ def test_utf16_file_is_refused(tmp_path):
 
 
 def test_non_regular_files_are_refused_without_reading(tmp_path):
+    import signal
+
     fifo = tmp_path / "pipe.csv"
     os.mkfifo(fifo)
-    msg = _err(fifo)  # opening a FIFO for reading would block forever
-    assert "pipe.csv" in msg and "regular file" in msg
-    if os.path.exists("/dev/zero"):
-        assert "regular file" in _err("/dev/zero")
+
+    def hang(*_):
+        raise AssertionError("reading a FIFO or device blocked")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(10)  # opening a FIFO for reading blocks forever; fail instead of hanging
+    try:
+        msg = _err(fifo)
+        assert "pipe.csv" in msg and "regular file" in msg
+        if os.path.exists("/dev/zero"):
+            assert "regular file" in _err("/dev/zero")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_bad_options_are_option_errors(tmp_path):
+    from onnx_esvd.errors import OptionError
+
+    (tmp_path / "p.csv").write_text(_text())
+    with pytest.raises(OptionError, match="missing"):
+        list(open_table(tmp_path / "p.csv").batches(COLS, 10, missing="drop"))
+    with pytest.raises(OptionError, match="batch_size"):
+        list(open_table(tmp_path / "p.csv").batches(COLS, 0))
 
 
 # ------------------------------------------------------------------------------------------------
