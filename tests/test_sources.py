@@ -465,3 +465,22 @@ def test_csv_dialect_round_trip_property(tmp_path, rows, delimiter, newline, bom
     np.testing.assert_array_equal(values, np.array([[u, v] for u, v, _ in rows], dtype=np.float64))
     assert list(text["g"]) == [g for _, _, g in rows]
     assert list(index) == list(range(len(rows)))
+
+
+def test_fortran_npz_is_never_read_whole(tmp_path, monkeypatch):
+    block = np.asfortranarray(np.arange(300_000 * 4, dtype=np.float64).reshape(300_000, 4))
+    np.savez(tmp_path / "big.npz", X=block)
+    requests = []
+    original = zipfile.ZipExtFile.read
+
+    def read(self, n=-1):
+        requests.append(n)
+        return original(self, n)
+
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", read)
+    total = 0
+    for b in open_table(tmp_path / "big.npz").batches(["X_2"], 1000):
+        np.testing.assert_array_equal(b.values[:, 0], block[b.start:b.start + 1000, 2])
+        total += len(b.values)
+    assert total == 300_000
+    assert -1 not in requests and max(requests) < block.nbytes // 2
