@@ -73,10 +73,17 @@ class ParquetTable(Table):
                 values = np.empty((n, len(numeric)), dtype=np.float64)
                 for j, c in enumerate(numeric):
                     values[:, j] = arrow_numeric(rb.column(c), self.name, c)
-                yield Batch(start, values, {c: arrow_text(rb.column(c)) for c in text})
+                yield Batch(start, values, {c: self._text(rb, c) for c in text})
                 start += n
         finally:
             pf.close()
+
+
+    def _text(self, rb: Any, c: str) -> np.ndarray:
+        try:
+            return arrow_text(rb.column(c))
+        except DataError as exc:
+            raise DataError(f"{self.path}: column '{c}' {exc}") from None
 
 
 def _first_line(exc: BaseException) -> str:
