@@ -367,6 +367,8 @@ def audit(
     eps: EpsOpt = 1e-5,
     top: Annotated[int, typer.Option("--top", help="How many leading singular directions the shares "
                                                    "count.")] = 3,
+    weights: WeightsOpt = "size",
+    bootstrap: BootstrapOpt = 200,
     batch_size: BatchOpt = 4096,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -384,7 +386,7 @@ def audit(
         try:
             result = run_audit(model, data, group=group, groups=_split(groups), target=target,
                                features=_split(features), score=score, dropna=dropna, eps=eps, top=top,
-                               batch_size=batch_size,
+                               weights=weights, bootstrap=bootstrap, batch_size=batch_size,
                                progress=progress)
         finally:
             progress.close()
@@ -408,6 +410,15 @@ def check(
                                                                        "--target).")] = None,
     max_mae: Annotated[Optional[float], typer.Option("--max-mae", help="Fail above this MAE (needs "
                                                                        "--target).")] = None,
+    baseline: Annotated[Optional[Path], typer.Option("--baseline", metavar="OLD.onnx", help="A baseline model: "
+                                                     "with --max-ks-increase, fail when the KS exceeds the "
+                                                     "baseline's KS on the same rows by more than X.")] = None,
+    max_ks_increase: Annotated[Optional[float], typer.Option("--max-ks-increase", metavar="X",
+                                                             help="Largest KS increase over --baseline.")] = None,
+    confidence: Annotated[str, typer.Option("--confidence", metavar="point|upper", help="Compare the point value "
+                                            "(default) or the upper end of the 95% bootstrap interval.")] = "point",
+    bootstrap: BootstrapOpt = 200,
+    seed: SeedOpt = 0,
     junit: Annotated[Optional[str], typer.Option("--junit", metavar="PATH", help="Also write a JUnit XML "
                                                                                   "report there.")] = None,
     batch_size: BatchOpt = 4096,
@@ -427,14 +438,16 @@ def check(
         from .report import check_report
 
         if junit is not None:
-            check_output_path(junit, inputs=(data,), models=(model,), force=True, option="--junit")
+            check_output_path(junit, inputs=(data,), models=tuple(m for m in (model, baseline) if m is not None),
+                              force=True, option="--junit")
         started = time.perf_counter()
         progress = Progress(quiet=quiet)
         try:
             result = run_check(model, data, group=group, groups=_split(groups), target=target,
                                features=_split(features), score=score, dropna=dropna, max_ks=max_ks,
-                               max_mean_gap=max_mean_gap,
-                               max_mse=max_mse, max_mae=max_mae, batch_size=batch_size, progress=progress)
+                               max_mean_gap=max_mean_gap, max_mse=max_mse, max_mae=max_mae, baseline=baseline,
+                               max_ks_increase=max_ks_increase, confidence=confidence, bootstrap=bootstrap,
+                               seed=seed, batch_size=batch_size, progress=progress)
         finally:
             progress.close()
         if junit is not None:
