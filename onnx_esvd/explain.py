@@ -13,6 +13,7 @@ from .errors import OptionError
 from .esvd import MomentGap, disparity_view
 from .graph import LinearLayer, find_layers, read_weight
 from .metrics import OutputMetrics
+from .guards import outputs_finite
 from .modelio import load_model
 from .score import resolve_score
 
@@ -93,6 +94,7 @@ def audit(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = N
     layers_in = [layer for layer in found.layers if layer.feeds_score]
     reader = open_rows(loaded.model, data, spec, batch_size=batch_size)
     cap = capture(loaded.model, layers_in, reader, 0.0, progress or (lambda name, rows: None), scored)
+    outputs_finite(cap.report, source_name(model), scored.output)
     metrics = capture_metrics(cap, reader, bootstrap=bootstrap, seed=seed)
     notes: list[str] = []
     views = []
