@@ -553,7 +553,7 @@ def capture(model: onnx.ModelProto, layers: Sequence[LinearLayer], reader: RowRe
             d = layer.in_features
             x = layer_rows(np.asarray(out[layer.input]), n, layer)
             moments = cap.moments[layer.index]
-            while len(moments) < max(2, len(reader.labels)):
+            while len(moments) < max(2, len(reader.wanted or reader.labels)):
                 moments.append(Moments(d))
             for c, mask in masks:
                 moments[c].add(x[mask])

@@ -213,3 +213,10 @@ def test_sweep_cli_takes_var_gap_and_lam_lists(tmp_path):
     points = json.loads(result.stdout)["points"]
     assert [(p["refit"], p.get("var_gap"), p.get("lam")) for p in points] == [
         ("fair", None, None), ("moments", 0.0, None), ("moments", 0.5, None), ("cdf", None, 1.0), ("cdf", None, 3.0)]
+
+
+def test_three_listed_groups(five):
+    # --groups with three values (codes 0..2 from the list): every listed group is repaired, others skipped
+    res = repair(MODEL, five, layer=1, group="g", groups=["p", "q", "s"], target="y", bootstrap=0)
+    assert res.groups == ("p", "q", "s")
+    assert res.rows.skipped == int(np.isin(five["g"], ["r", "t"]).sum())
