@@ -36,12 +36,13 @@ def open_data(data: Any, first_row: int = 0) -> Any:
     return shifted(open_table(data), first_row)
 
 
-def layer_runner(model: onnx.ModelProto, layer: Any) -> Any:
-    """A `Runner` fetching only `layer.input` (graph optimisation off, as every pass of the tool)."""
+def layer_runner(model: onnx.ModelProto, layer: Any, threads: int | None = None) -> Any:
+    """A `Runner` fetching only `layer.input` (graph optimisation off, as every pass of the tool); `threads`:
+    onnxruntime's intra-op threads (default: its own choice, one per core)."""
     from .graph import with_outputs
     from .runtime import Runner
 
-    return Runner(with_outputs(model, [(layer.input, layer.elem_type)]), [layer.input])
+    return Runner(with_outputs(model, [(layer.input, layer.elem_type)]), [layer.input], threads=threads)
 
 
 def resolve_layer(model: onnx.ModelProto, layer: int | str, score: str | None = None) -> Any:

@@ -304,12 +304,14 @@ def merge_all(partials: Iterable[LayerPartial]) -> LayerPartial:
 
 
 def map_batches(runner: Any, layer: Any, reader: Any, *, holdout: float, header: dict,
-                progress: Callable[[str, int], None] | None = None, name: str | None = None) -> LayerPartial:
+                progress: Callable[[str, int], None] | None = None, name: str | None = None,
+                allow_empty: bool = False) -> LayerPartial:
     """The layer pass over every batch of `reader` (a `capture.RowReader`, first pass) as a partial.
 
     runner: a `runtime.Runner` whose outputs include `layer.input` (e.g. `capture.score_runner` or
     `Runner(graph.with_outputs(model, [(layer.input, layer.elem_type)]), [layer.input])`).
     Fit rows are those with `row_uniform(seed, global row index) >= holdout`, as in `capture.capture`.
+    allow_empty: a source without rows gives an empty partial (one empty file among many) instead of an error.
     """
     from .capture import layer_rows
     from .runtime import pipelined
@@ -332,7 +334,7 @@ def map_batches(runner: Any, layer: Any, reader: Any, *, holdout: float, header:
         if progress is not None:
             progress("capture", done)
     table = reader.table
-    if reader.total == 0 and reader.dropped == 0:
+    if reader.total == 0 and reader.dropped == 0 and not allow_empty:
         raise DataError(f"{table.name}: no data rows")
     labels = list(reader.wanted) if reader.wanted is not None else list(reader.labels)
     partial = LayerPartial({**header, "tool_version": __version__}, name=name or table.name)

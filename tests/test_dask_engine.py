@@ -33,6 +33,7 @@ def cluster():
 def shard_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("dask_shards")
     _split_csv(DATA, d, cuts=(0, 700, 1500, 2600, 4000, 5000), gz_last=True)
+    (d / "part-9.csv").write_text(DATA.read_text().splitlines(keepends=True)[0])  # an empty shard: no rows
     return d
 
 
@@ -44,7 +45,7 @@ def test_dask_layer_pass_equals_one_process(cluster, shard_dir):
 
     want, lin, model = reference_stats()
     partial = layer_pass_dask(MODEL, str(shard_dir / "part-*"), lin, SPEC, holdout=0.2, seed=3, scheduler=cluster)
-    assert partial.ranges == [(0, 6018)] and len(partial.sources) == 6
+    assert partial.ranges == [(0, 6018)] and len(partial.sources) == 7
     got = partial.to_group_stats()
     assert_same_stats(got, want)
     w = read_weight(model, lin)
