@@ -109,6 +109,28 @@ def _layer_task(model_bytes: bytes, digest: str, layer_index: int, path: str, fi
     return partial
 
 
+def _count_task(path: str) -> int:
+    """Data rows of one file (runs on a worker: a CSV is split into records there, not on the client)."""
+    from ..data import open_table
+    from ..sources.multi import count_rows
+
+    return count_rows(open_table(path))
+
+
+def _offsets(client: Any, table: Any, parts: list, paths: list) -> list[int]:
+    """Each file's first global row. Row counts that the file's metadata gives (Parquet, .npz) are read here; the
+    others (CSV) are counted on the workers in parallel."""
+    if len(parts) == 1:
+        return [0]
+    counts: list[Any] = [p.rows if isinstance(getattr(p, "rows", None), int) else None for p in parts]
+    todo = [i for i, c in enumerate(counts) if c is None]
+    if todo:
+        for i, n in zip(todo, client.gather(client.map(_count_task, [os.fspath(paths[i]) for i in todo],
+                                                       pure=False))):
+            counts[i] = n
+    return table.set_row_counts(counts)[:-1]
+
+
 def layer_pass_dask(model: Any, data: Any, layer: Any, spec: Any, *, holdout: float, seed: int,
                     batch_size: int = 4096, scheduler: Any = None, n_workers: int | None = None,
                     progress: Callable[[str, int], None] | None = None) -> LayerPartial:
@@ -135,10 +157,10 @@ def layer_pass_dask(model: Any, data: Any, layer: Any, spec: Any, *, holdout: fl
     from ..capture import plan_inputs
 
     plan_inputs(proto, table, spec)  # column errors here, once, before any task runs (every file has the same columns)
-    offsets = table.file_offsets() if len(parts) > 1 else [0]
     digest = model_hash(proto)
     blob = proto.SerializeToString()
     with dask_client(scheduler, n_workers) as client:
+        offsets = _offsets(client, table, parts, paths)
         [shared] = client.scatter([blob], broadcast=True)
         futures = [client.submit(_layer_task, shared, digest, layer.index, os.fspath(path), int(first), spec,
                                  holdout, seed, batch_size, pure=False)

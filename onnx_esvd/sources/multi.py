@@ -102,6 +102,17 @@ class ConcatTable(Table):
             self._offsets = offsets
         return list(self._offsets)
 
+    def set_row_counts(self, counts: Sequence[int]) -> list[int]:
+        """Take each part's row count from elsewhere (counted in parallel, e.g. on Dask workers); returns
+        `file_offsets()`."""
+        if len(counts) != len(self.parts):
+            raise ValueError(f"{len(counts)} row counts for {len(self.parts)} files")
+        offsets = [self.first_row]
+        for n in counts:
+            offsets.append(offsets[-1] + int(n))
+        self._offsets = offsets
+        return list(offsets)
+
     @property
     def rows(self) -> int:
         offsets = self.file_offsets()
