@@ -84,6 +84,13 @@ DropnaOpt = Annotated[bool, typer.Option("--dropna", help="Skip rows with a miss
 MaxDriftOpt = Annotated[float, typer.Option(
     "--max-drift", help="Other outputs the repaired node feeds are refitted back to their original values; refuse "
                         "when one still moves by more than this (RMS change / its spread).")]
+WeightsOpt = Annotated[str, typer.Option("--weights", metavar="size|equal", help="Group weights of the k-group "
+                                                                            "steps: by group size, or equal.")]
+BootstrapOpt = Annotated[int, typer.Option("--bootstrap", metavar="N", help="Bootstrap resamples for the 95% "
+                                                                           "confidence intervals (0: none).")]
+TuneOpt = Annotated[str, typer.Option("--tune-layers", metavar="K|all", help="Refit cdf/w2: tune the last K linear "
+                                                                             "nodes (through elementwise "
+                                                                             "activations), or all of them.")]
 ScoreOpt = Annotated[Optional[str], typer.Option(
     "--score", metavar="NAME[:COL]", help="The model output (and column) whose distribution is scored and repaired "
                                          "(default: the only floating-point output; column 1 of an [N, 2] output).")]
@@ -155,8 +162,17 @@ def repair(
     c2: Annotated[float, typer.Option("--c2", help="Second-moment shrink: divide the covariance-gap bound by "
                                                    "c2 (1 skips).")] = 150.0,
     eps: EpsOpt = 1e-5,
-    refit: Annotated[str, typer.Option("--refit", help="Refit of the final node: fair (keeps output mean "
-                                                       "parity), plain (least squares), none.")] = "fair",
+    refit: Annotated[Optional[str], typer.Option(
+        "--refit", show_default="fair", help="Refit of the final node: fair (output mean parity), moments (mean and "
+                                             "variance parity), cdf or w2 (least squares plus a distribution "
+                                             "penalty), plain (least squares), none.")] = None,
+    var_gap: Annotated[float, typer.Option("--var-gap", help="Refit moments: the output variance gap kept, as a "
+                                                             "share of fair's (0: equal variances).")] = 0.0,
+    lam: Annotated[float, typer.Option("--lam", "--w2", help="Refit cdf/w2: weight of the distribution "
+                                                             "penalty.")] = 1.0,
+    tune_layers: TuneOpt = "1",
+    weights: WeightsOpt = "size",
+    bootstrap: BootstrapOpt = 200,
     ridge: RidgeOpt = "auto",
     holdout: HoldoutOpt = None,
     seed: SeedOpt = 0,
@@ -164,9 +180,10 @@ def repair(
     output: Annotated[Optional[str], typer.Option("-o", "--output", help="Output file (default: MODEL stem + "
                                                                           ".esvd.onnx next to MODEL).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
-    max_ks: Annotated[Optional[float], typer.Option("--max-ks", help="Search c1 x c2 and keep the lowest-MSE "
-                                                                     "setting whose holdout KS is at most this "
-                                                                     "(needs --target).")] = None,
+    max_ks: Annotated[Optional[float], typer.Option("--max-ks", help="Search the refits and their knobs (or, with "
+                                                                     "--refit fair, c1 x c2) and keep the "
+                                                                     "lowest-MSE setting whose holdout KS is at most "
+                                                                     "this (needs --target).")] = None,
     max_mean_gap: Annotated[Optional[float], typer.Option("--max-mean-gap", help="The same budget on the "
                                                                                  "mean gap.")] = None,
     plot: PlotOpt = None,
@@ -197,20 +214,25 @@ def repair(
         budget = None
         common = dict(group=group, groups=_split(groups), target=target, features=_split(features), score=score,
                       evaluate=evaluate, dropna=dropna, max_drift=max_drift, eps=eps, ridge=ridge_value,
-                      holdout=holdout, seed=seed, batch_size=batch_size, progress=progress)
+                      holdout=holdout, seed=seed, batch_size=batch_size, weights=weights, bootstrap=bootstrap,
+                      tune_layers=_tune(tune_layers), progress=progress)
         try:
             if max_ks is not None or max_mean_gap is not None:
                 from onnx_esvd import repair_within_budget
 
                 budget = repair_within_budget(model, data, layer=layer, max_ks=max_ks, max_mean_gap=max_mean_gap,
-                                              refit=None if refit == "fair" else [refit], **common)
+                                              refit=None if refit is None else [refit],
+                                              **({} if refit is None else {"var_gap": [var_gap], "lam": [lam]}),
+                                              **common)
                 result = budget.result
             elif layer.strip() == "auto":
                 from onnx_esvd.tradeoff import repair_auto
 
-                result = repair_auto(model, data, c1=c1, c2=c2, refit=refit, **common)
+                result = repair_auto(model, data, c1=c1, c2=c2, refit=refit or "fair", var_gap=var_gap, lam=lam,
+                                     **common)
             else:
-                result = run_repair(model, data, layer=layer, c1=c1, c2=c2, refit=refit, **common)
+                result = run_repair(model, data, layer=layer, c1=c1, c2=c2, refit=refit or "fair", var_gap=var_gap,
+                                    lam=lam, **common)
         finally:
             progress.close()
         if result is None:  # no setting meets the budget: write nothing, exit 1
@@ -248,7 +270,14 @@ def sweep(
     c1: Annotated[str, typer.Option("--c1", metavar="LIST", help="c1 values, comma-separated.")] = "1,5,15,50,150",
     c2: Annotated[str, typer.Option("--c2", metavar="LIST", help="c2 values, comma-separated.")] = "1,10,150,1000",
     refit: Annotated[str, typer.Option("--refit", metavar="LIST", help="Refit modes, comma-separated "
-                                                                       "(fair, plain, none).")] = "fair",
+                                                                       "(fair, moments, cdf, w2, plain, "
+                                                                       "none).")] = "fair",
+    var_gap: Annotated[str, typer.Option("--var-gap", metavar="LIST", help="Refit moments: variance gaps to try, "
+                                                                           "comma-separated.")] = "0",
+    lam: Annotated[str, typer.Option("--lam", "--w2", metavar="LIST", help="Refit cdf/w2: penalty weights to try, "
+                                                                           "comma-separated.")] = "1",
+    tune_layers: TuneOpt = "1",
+    weights: WeightsOpt = "size",
     eps: EpsOpt = 1e-5,
     ridge: RidgeOpt = "auto",
     holdout: HoldoutOpt = None,
@@ -289,8 +318,9 @@ def sweep(
             result = run_sweep(model, data, layer=layer, group=group, groups=_split(groups), target=target,
                                features=_split(features), score=score, evaluate=evaluate, dropna=dropna,
                                max_drift=max_drift, c1=numbers(c1, "c1"), c2=numbers(c2, "c2"), refit=_split(refit),
-                               eps=eps, ridge=_ridge(ridge), holdout=holdout, seed=seed, batch_size=batch_size,
-                               progress=progress)
+                               var_gap=numbers(var_gap, "var-gap"), lam=numbers(lam, "lam"),
+                               tune_layers=_tune(tune_layers), weights=weights, eps=eps, ridge=_ridge(ridge),
+                               holdout=holdout, seed=seed, batch_size=batch_size, progress=progress)
         finally:
             progress.close()
         if plot is not None:
@@ -300,6 +330,17 @@ def sweep(
         typer.echo(dumps(result.to_dict(), indent=2) if json_out else sweep_report(result))
         if plot is not None and not json_out:
             typer.echo(f"plotted {plot}")
+
+
+def _tune(text: str) -> int | str:
+    from onnx_esvd import OptionError
+
+    value = text.strip().lower()
+    if value == "all":
+        return "all"
+    if value.isascii() and value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise OptionError(f"--tune-layers {text!r} is invalid; give a positive integer or 'all'")
 
 
 def _ridge(text: str) -> float | str:
@@ -326,6 +367,8 @@ def audit(
     eps: EpsOpt = 1e-5,
     top: Annotated[int, typer.Option("--top", help="How many leading singular directions the shares "
                                                    "count.")] = 3,
+    weights: WeightsOpt = "size",
+    bootstrap: BootstrapOpt = 200,
     batch_size: BatchOpt = 4096,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -343,7 +386,7 @@ def audit(
         try:
             result = run_audit(model, data, group=group, groups=_split(groups), target=target,
                                features=_split(features), score=score, dropna=dropna, eps=eps, top=top,
-                               batch_size=batch_size,
+                               weights=weights, bootstrap=bootstrap, batch_size=batch_size,
                                progress=progress)
         finally:
             progress.close()
@@ -367,6 +410,15 @@ def check(
                                                                        "--target).")] = None,
     max_mae: Annotated[Optional[float], typer.Option("--max-mae", help="Fail above this MAE (needs "
                                                                        "--target).")] = None,
+    baseline: Annotated[Optional[Path], typer.Option("--baseline", metavar="OLD.onnx", help="A baseline model: "
+                                                     "with --max-ks-increase, fail when the KS exceeds the "
+                                                     "baseline's KS on the same rows by more than X.")] = None,
+    max_ks_increase: Annotated[Optional[float], typer.Option("--max-ks-increase", metavar="X",
+                                                             help="Largest KS increase over --baseline.")] = None,
+    confidence: Annotated[str, typer.Option("--confidence", metavar="point|upper", help="Compare the point value "
+                                            "(default) or the upper end of the 95% bootstrap interval.")] = "point",
+    bootstrap: BootstrapOpt = 200,
+    seed: SeedOpt = 0,
     junit: Annotated[Optional[str], typer.Option("--junit", metavar="PATH", help="Also write a JUnit XML "
                                                                                   "report there.")] = None,
     batch_size: BatchOpt = 4096,
@@ -386,14 +438,16 @@ def check(
         from .report import check_report
 
         if junit is not None:
-            check_output_path(junit, inputs=(data,), models=(model,), force=True, option="--junit")
+            check_output_path(junit, inputs=(data,), models=tuple(m for m in (model, baseline) if m is not None),
+                              force=True, option="--junit")
         started = time.perf_counter()
         progress = Progress(quiet=quiet)
         try:
             result = run_check(model, data, group=group, groups=_split(groups), target=target,
                                features=_split(features), score=score, dropna=dropna, max_ks=max_ks,
-                               max_mean_gap=max_mean_gap,
-                               max_mse=max_mse, max_mae=max_mae, batch_size=batch_size, progress=progress)
+                               max_mean_gap=max_mean_gap, max_mse=max_mse, max_mae=max_mae, baseline=baseline,
+                               max_ks_increase=max_ks_increase, confidence=confidence, bootstrap=bootstrap,
+                               seed=seed, batch_size=batch_size, progress=progress)
         finally:
             progress.close()
         if junit is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from onnx_esvd.metrics import MIN_ESTIMABLE_ROWS
+
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
     """A plain aligned text table; columns listed in `right` are right-aligned."""
@@ -51,22 +53,42 @@ def layers_table(found: Any) -> str:
     return text
 
 
+def groups_line(labels: Any, column: str) -> str:
+    """`'a' (group 0) vs 'b' (group 1) in column 'g'`, or the k labels for k > 2."""
+    if len(labels) == 2:
+        return f"{labels[0]!r} (group 0) vs {labels[1]!r} (group 1) in column '{column}'"
+    return f"{len(labels)} groups in column '{column}': {', '.join(repr(x) for x in labels)}"
+
+
+def interval(m: Any, key: str) -> str:
+    iv = m.intervals.get(key) if m.intervals else None
+    return f"[{num(iv[0])}, {num(iv[1])}]" if iv else ""
+
+
+def _std_gap(m: Any) -> float:
+    stds = [g.std for g in m.groups if g.estimable or len(m.groups) == 2]
+    return max(stds) - min(stds) if len(stds) >= 2 else float("nan")
+
+
 def repair_report(res: Any, model_path: str, output: str | None) -> str:
     """The before/after table of `repair`."""
     lay, b, a = res.layer, res.before, res.after
-    g0, g1 = res.groups
     lines = [
         f"layer     {lay.index} '{lay.name}' ({lay.op}, {lay.in_features} -> {lay.out_features}) of {model_path}",
         f"score     {res.score_text}" if res.score is not None else "",
-        f"groups    {g0!r} (group 0) vs {g1!r} (group 1) in column '{res.data.group}'",
+        f"groups    {groups_line(res.groups, res.data.group)}",
         f"rows      {res.rows.total} read, {res.rows.skipped} of other groups skipped, {res.rows.fit} used to fit"
         + (f", {res.rows.dropped} with missing values dropped" if res.rows.dropped else ""),
         f"esvd      c2={_g(res.options.c2)} (second moment), c1={_g(res.options.c1)} (first moment), "
-        f"eps={_g(res.options.eps)}",
+        f"eps={_g(res.options.eps)}" + (f", group weights {res.options.weights}" if len(res.groups) > 2 else ""),
     ]
     if res.refit is not None:
-        lines.append(f"refit     {res.refit.mode} on '{res.final.name}', {res.refit.target} target, "
-                     f"ridge {_g(res.refit.alpha)} ({res.refit.alpha_source})")
+        lines.append(f"refit     {res.options.refit_spec.describe()} on '{res.final.name}', {res.refit.target} "
+                     f"target, ridge {_g(res.refit.alpha)} ({res.refit.alpha_source})")
+        if res.penalty is not None:
+            kept = ", ".join(f"{k} {res.penalty.kept[k]} of {res.penalty.seen[k]}" for k in res.penalty.kept)
+            lines.append(f"          rows kept for the penalised fit: {kept}; KS on those fit rows "
+                         f"{num(res.penalty.fit_ks)} (a fit-row number: the held-out KS is below)")
     else:
         lines.append(f"refit     {res.refit_note}")
     if res.report_rows == "holdout":
@@ -81,19 +103,29 @@ def repair_report(res: Any, model_path: str, output: str | None) -> str:
                      f"{num(o.max_abs)}")
     lines = [line for line in lines if line]
     lines.append("")
-    rows = [("KS", num(b.ks), num(a.ks), change(b.ks, a.ks)),
-            ("mean gap", num(b.mean_gap), num(a.mean_gap), change(b.mean_gap, a.mean_gap))]
+    ci = bool(a.intervals)
+    k = len(res.groups)
+    ks_name = "KS" if k == 2 else "KS (max pair)"
+    rows = [(ks_name, num(b.ks), num(a.ks), change(b.ks, a.ks), interval(a, "ks")),
+            ("mean gap", num(b.mean_gap), num(a.mean_gap), change(b.mean_gap, a.mean_gap), interval(a, "mean_gap")),
+            ("std gap", num(_std_gap(b)), num(_std_gap(a)), change(_std_gap(b), _std_gap(a)), "")]
+    if k > 2:
+        rows.insert(1, ("KS vs all", num(b.ks_overall), num(a.ks_overall), change(b.ks_overall, a.ks_overall), ""))
     if b.mse is not None:
-        rows += [("MSE", num(b.mse), num(a.mse), change(b.mse, a.mse)),
-                 ("MAE", num(b.mae), num(a.mae), change(b.mae, a.mae))]
+        rows += [("MSE", num(b.mse), num(a.mse), change(b.mse, a.mse), interval(a, "mse")),
+                 ("MAE", num(b.mae), num(a.mae), change(b.mae, a.mae), "")]
     for gb, ga in zip(b.groups, a.groups):
-        rows += [(f"rows {gb.label}", str(gb.count), str(ga.count), ""),
-                 (f"mean {gb.label}", num(gb.mean), num(ga.mean), ""),
-                 (f"std {gb.label}", num(gb.std), num(ga.std), "")]
+        mark = "" if gb.estimable else " (*)"
+        rows += [(f"rows {gb.label}{mark}", str(gb.count), str(ga.count), "", ""),
+                 (f"mean {gb.label}", num(gb.mean), num(ga.mean), "", ""),
+                 (f"std {gb.label}", num(gb.std), num(ga.std), "", "")]
         if gb.mse is not None:
-            rows.append((f"MSE {gb.label}", num(gb.mse), num(ga.mse), change(gb.mse, ga.mse)))
-    lines.append(table(["metric", "before", "after", "change"], rows, right=(1, 2, 3)))
-    lines.append(ks_noise_line(b))
+            rows.append((f"MSE {gb.label}", num(gb.mse), num(ga.mse), change(gb.mse, ga.mse), ""))
+    headers = ["metric", "before", "after", "change"] + (["95% CI after"] if ci else [])
+    lines.append(table(headers, [r if ci else r[:4] for r in rows], right=(1, 2, 3)))
+    if k > 2:
+        lines.append(f"KS (max pair) after: {' vs '.join(repr(x) for x in a.ks_pair)}")
+    lines += [line for line in (ks_noise_line(a), interval_note(a, res.options.bootstrap)) if line]
     for note in res.warnings:
         lines.append(f"warning: {note}")
     if output:
@@ -102,23 +134,25 @@ def repair_report(res: Any, model_path: str, output: str | None) -> str:
     return "\n".join(lines)
 
 
-#: Below this many report rows a group's KS is not estimable (its sampling noise swamps the gap).
-MIN_ESTIMABLE_ROWS = 30
+def interval_note(m: Any, resamples: int) -> str:
+    if not m.intervals:
+        return ""
+    return (f"95% CI: bootstrap over {resamples} resamples of the report rows within groups (--bootstrap); it shows "
+            "how far these numbers would move on other rows of the same kind")
 
 
 def ks_noise_line(m: Any) -> str:
-    """The KS's 95% critical value for the groups' sizes, and which groups are too small to estimate it."""
-    counts = [g.count for g in m.groups]
-    if len(counts) < 2 or min(counts) == 0:
+    """The KS's 95% critical value and permutation noise floor for the groups' sizes, and which groups are too
+    small to estimate it."""
+    if len(m.groups) < 2 or m.ks != m.ks:
         return ""
-    pair = sorted(counts)[:2]
-    crit = 1.36 * (1.0 / pair[0] + 1.0 / pair[1]) ** 0.5
-    small = [g.label for g in m.groups if g.count < MIN_ESTIMABLE_ROWS]
-    text = (f"KS critical value {crit:.4f} (95%, 1.36·sqrt(1/n0 + 1/n1)): a KS below it is within the noise of "
-            f"groups this size")
+    text = (f"noise: KS critical value {num(m.ks_critical)} (95%, 1.36·sqrt(1/n_g + 1/n_h) for the pair), "
+            f"permutation noise floor {num(m.noise_floor)} (the KS with the group labels shuffled)")
+    small = list(m.not_estimable)
     if small:
-        text += (f"; not estimable: group{'s' if len(small) > 1 else ''} {', '.join(repr(s) for s in small)} "
-                 f"{'have' if len(small) > 1 else 'has'} fewer than {MIN_ESTIMABLE_ROWS} rows")
+        where = "left out of the headline KS and mean gap" if len(m.groups) > 2 else "KS not estimable"
+        text += (f"; (*) fewer than {MIN_ESTIMABLE_ROWS} rows, {where}: "
+                 f"{', '.join(repr(x) for x in small)}")
     return text
 
 
@@ -134,12 +168,12 @@ def _metric_rows(m: Any) -> list[tuple[str, str]]:
 
 
 def groups_table(m: Any) -> str:
-    """Per-group rows, mean, std (and MSE, MAE with a target)."""
+    """Per-group rows, mean, std, KS against everyone (and MSE, MAE with a target)."""
     has_target = m.mse is not None
-    headers = ["group", "rows", "mean", "std"] + (["MSE", "MAE"] if has_target else [])
+    headers = ["group", "rows", "mean", "std", "KS vs all"] + (["MSE", "MAE"] if has_target else [])
     rows = []
     for g in m.groups:
-        row = [g.label, str(g.count), num(g.mean), num(g.std)]
+        row = [g.label + ("" if g.estimable else " (*)"), str(g.count), num(g.mean), num(g.std), num(g.ks_overall)]
         if has_target:
             row += [num(g.mse), num(g.mae)]
         rows.append(row)
@@ -151,8 +185,8 @@ def audit_report(res: Any) -> str:
     m = res.metrics
     lines = [f"model     {res.model}",
              f"score     {res.score}",
-             f"data      {res.data}: {res.rows} rows, {res.skipped} of other groups skipped; "
-             f"{res.groups[0]!r} (group 0) vs {res.groups[1]!r} (group 1)",
+             f"data      {res.data}: {res.rows} rows, {res.skipped} of other groups skipped",
+             f"groups    {groups_line(res.groups, res.group_column)}",
              "",
              "output: " + ", ".join(f"{k} {v}" for k, v in _metric_rows(m)),
              groups_table(m),
@@ -190,11 +224,16 @@ def audit_report(res: Any) -> str:
 def check_report(res: Any) -> str:
     """Each metric, its value, its threshold and PASS/FAIL, then the verdict."""
     mz = res.measured
-    lines = [f"check     {res.model} on {res.data}: {mz.rows} rows ({mz.skipped} of other groups skipped), "
-             f"{mz.groups[0]!r} vs {mz.groups[1]!r}; score {mz.score}"]
-    rows = [(t.metric, num(t.value), f"<= {t.threshold:g}", "PASS" if t.passed else "FAIL")
+    lines = [f"check     {res.model} on {res.data}: {mz.rows} rows ({mz.skipped} of other groups skipped); "
+             f"score {mz.score}",
+             f"groups    {groups_line(mz.groups, mz.group_column)}"]
+    rows = [(t.metric, num(t.point if t.point is not None else t.value),
+             f"[{num(t.interval[0])}, {num(t.interval[1])}]" if t.interval else "",
+             ("upper " if t.compared == "upper" else "") + f"<= {t.threshold:g}", "PASS" if t.passed else "FAIL")
             for t in res.thresholds]
-    lines.append(table(["metric", "value", "threshold", "result"], rows, right=(1,)))
+    lines.append(table(["metric", "value", "95% CI", "threshold", "result"], rows, right=(1,)))
+    if res.baseline is not None:
+        lines.append(f"baseline  {res.baseline_model}: KS {num(res.baseline.metrics.ks)} on the same rows")
     noise = ks_noise_line(mz.metrics)
     if noise:
         lines.append(noise)
@@ -212,10 +251,10 @@ def sweep_report(res: Any) -> str:
     b = res.before
     has_mse = b.mse is not None
     lines = [f"layer     {res.layer.index} '{res.layer.name}' ({res.layer.op}, {res.layer.in_features} -> "
-             f"{res.layer.out_features}); groups {res.groups[0]!r} vs {res.groups[1]!r}",
+             f"{res.layer.out_features}); groups {', '.join(repr(x) for x in res.groups)}",
              f"measured on the {b.rows} {res.report_rows} rows; original model: KS {num(b.ks)}, mean gap "
              f"{num(b.mean_gap)}" + (f", MSE {num(b.mse)}" if has_mse else ""), ""]
-    rows = [(f"{p.c1:g}", f"{p.c2:g}", p.refit, num(p.metrics.ks), num(p.metrics.mean_gap),
+    rows = [(f"{p.c1:g}", f"{p.c2:g}", p.setting.describe(), num(p.metrics.ks), num(p.metrics.mean_gap),
              num(p.metrics.mse), "*" if p.pareto else "") for p in res.points]
     lines.append(table(["c1", "c2", "refit", "KS", "mean gap", "MSE", "pareto"], rows, right=(0, 1, 3, 4, 5)))
     lines.append(f"* Pareto-optimal: no other setting has both a lower KS and a lower "
@@ -233,7 +272,8 @@ def budget_report(budget: Any) -> str:
     def describe(p: Any) -> str:
         m = p.metrics
         where = f"layer {p.layer}, " if p.layer is not None else ""
-        return (f"{where}c1={p.c1:g}, c2={p.c2:g}, refit {p.refit}: KS {num(m.ks)}, mean gap {num(m.mean_gap)}, "
+        return (f"{where}c1={p.c1:g}, c2={p.c2:g}, refit {p.setting.describe()}: KS {num(m.ks)}, "
+                f"mean gap {num(m.mean_gap)}, "
                 f"MSE {num(m.mse)}")
 
     if budget.winner is None:

@@ -21,7 +21,7 @@ from .guards import input_fits, stats_finite
 from .metrics import OutputCollector, OutputMetrics
 from .runtime import Runner, pipelined
 from .score import Score
-from .stats import LayerStats, Moments
+from .stats import GroupStats, Moments
 
 Progress = Callable[[str, int], None]
 
@@ -36,26 +36,48 @@ class DataSpec:
     features: tuple[str, ...] | None = None
     score: str | None = None
     dropna: bool = False
+    weights: str = "size"
+    group_columns: tuple[str, ...] = ()
 
-    @property
-    def group_columns(self) -> tuple[str, ...]:
-        """The column(s) whose values make the groups (several: intersectional groups)."""
-        return (self.group,)
+    def __post_init__(self) -> None:
+        if not self.group_columns:  # built directly: one column, or several separated by commas
+            object.__setattr__(self, "group_columns", tuple(c.strip() for c in str(self.group).split(",")))
 
 
 # ---------------------------------------------------------------------------------------------
 # rows, groups, feeds
 
 
+#: A group column with more distinct values than this is refused (it is probably not a group column).
+MAX_GROUPS = 50
+
+#: The `--groups` value that stands for every row not in the listed groups ("A,rest": A against the rest).
+REST = "rest"
+
+
 def data_spec(group: str, groups: Sequence[str] | None, target: str | None,
-              features: Sequence[str] | None, score: str | None = None, dropna: bool = False) -> DataSpec:
-    """Validate the column options shared by every command."""
+              features: Sequence[str] | None, score: str | None = None, dropna: bool = False,
+              weights: str = "size") -> DataSpec:
+    """Validate the column options shared by every command.
+
+    `group` is one column or several separated by commas (intersectional groups); `groups` lists the values to
+    compare (two or more; the last may be "rest": every other row).
+    """
+    cols = tuple(c.strip() for c in str(group).split(",")) if group is not None else ()
+    if not cols or any(not c for c in cols) or len(set(cols)) != len(cols):
+        raise OptionError(f"--group {group!r} is invalid; give a column name, or several separated by commas")
     if groups is not None:
-        groups = tuple(str(g) for g in groups)
-        if len(groups) != 2 or _label_text(groups[0]) == _label_text(groups[1]):
-            raise OptionError(f"--groups {','.join(groups)} is invalid; give two different values, e.g. --groups A,B")
+        groups = tuple(str(g).strip() for g in groups)
+        texts = [_label_text(g) for g in groups]
+        if len(groups) < 2 or len(set(texts)) != len(texts) or any(not g for g in groups):
+            raise OptionError(f"--groups {','.join(groups)} is invalid; give two or more different values, e.g. "
+                              "--groups A,B or --groups A,rest")
+        if REST in groups[:-1]:
+            raise OptionError(f"--groups {','.join(groups)}: '{REST}' stands for every other row and must come last")
+    if weights not in ("size", "equal"):
+        raise OptionError(f"--weights {weights!r} is invalid; choose size or equal")
     return DataSpec(group=group, groups=groups, target=target, features=tuple(features) if features else None,
-                    score=score, dropna=bool(dropna))
+                    score=score, dropna=bool(dropna), weights=weights, group_columns=cols)
 
 
 def positive_batch(batch_size: int) -> int:
@@ -289,13 +311,19 @@ class GroupIndex:
         self.frozen = False  # an evaluation reader uses the calibration's groups only
 
     def codes(self, labels: np.ndarray) -> np.ndarray:
+        """Codes of `labels: [n] str` (-1: not a compared group); new labels get the next code."""
         uniq, inverse = np.unique(labels, return_inverse=True)
         codes = np.empty(len(uniq), dtype=np.int64)
+        wanted = self.wanted
+        rest = wanted is not None and wanted[-1] == REST
         for i, lab in enumerate(uniq):
             lab = str(lab)
-            if self.wanted is not None:
-                if lab in self.wanted:
-                    codes[i] = self.wanted.index(lab)
+            if wanted is not None:
+                if lab in wanted[:len(wanted) - rest]:
+                    codes[i] = wanted.index(lab)
+                elif rest:
+                    codes[i] = len(wanted) - 1
+                    self.other_labels.add(lab) if len(self.other_labels) < 20 else None
                 else:
                     codes[i] = -1
                     if len(self.other_labels) < 20:
@@ -307,10 +335,10 @@ class GroupIndex:
                     if len(self.other_labels) < 20:
                         self.other_labels.add(lab)
                     continue
-                if len(self.code_of) == 2:
-                    seen = ", ".join(repr(x) for x in [*self.labels, lab])
-                    raise DataError(f"{self.name}: group column '{self.spec.group}' has more than two values "
-                                    f"({seen}, ...); pick two with --groups A,B")
+                if len(self.code_of) == MAX_GROUPS:
+                    cols = ", ".join(f"'{c}'" for c in self.spec.group_columns)
+                    raise DataError(f"{self.name}: group column {cols} has more than {MAX_GROUPS} distinct values; "
+                                    "is it really a group column? Pick the groups with --groups A,B,...")
                 self.code_of[lab] = len(self.labels)
                 self.labels.append(lab)
             codes[i] = self.code_of[lab]
@@ -441,22 +469,24 @@ class RowReader:
 
         return keep
 
-    def group_labels(self) -> tuple[str, str]:
-        """Labels of group 0 and group 1 after the first pass; code c of the pass maps to group order[c]."""
-        name, col = self.table.name, self.spec.group
+    def group_labels(self) -> tuple[str, ...]:
+        """Labels of the compared groups after the first pass, in group order: the `--groups` order, or sorted
+        (numbers by value). Code c of the pass maps to group `group_of_code()[c]`."""
+        name = self.table.name
         if self.wanted is not None:
             return self.wanted  # codes are already group indices
         if len(self.labels) < 2:
             only = f"only the value {self.labels[0]!r}" if self.labels else "no values"
-            raise DataError(f"{name}: group column '{col}' has {only}; it needs rows of two groups")
-        return tuple(sorted(self.labels, key=_sort_key))  # type: ignore[return-value]
+            cols = ", ".join(f"'{c}'" for c in self.spec.group_columns)
+            raise DataError(f"{name}: group column {cols} has {only}; it needs rows of at least two groups")
+        return tuple(sorted(self.labels, key=_sort_key))
 
     def group_of_code(self) -> np.ndarray:
-        """Array mapping a label code to the group index (0 or 1)."""
+        """Array mapping a label code to the group index (0 .. k-1)."""
         if self.wanted is not None:
-            return np.array([0, 1])
+            return np.arange(len(self.wanted))
         order = self.group_labels()
-        return np.array([order.index(lab) for lab in self.labels])
+        return np.array([order.index(lab) for lab in self.labels], dtype=np.int64)
 
 
 def _sort_key(label: str) -> tuple:
@@ -541,24 +571,32 @@ def capture(model: onnx.ModelProto, layers: Sequence[LinearLayer], reader: RowRe
     return cap
 
 
-def group_stats(cap: Capture, layer: LinearLayer, reader: RowReader, notes: list[str]) -> LayerStats:
-    """Merge a layer's per-label moments into the two groups' statistics, checking the groups."""
+#: Fewer calibration rows than this in a group is a warning (its moments are noisy).
+FEW_GROUP_ROWS = 50
+
+
+def group_stats(cap: Capture, layer: LinearLayer, reader: RowReader, notes: list[str]) -> GroupStats:
+    """Merge a layer's per-label moments into the groups' statistics (k >= 2 groups), checking the groups."""
     labels, group_of = reader.group_labels(), reader.group_of_code()
     moments = cap.moments[layer.index]
     check_groups_present(cap, reader)
     d = layer.in_features
-    merged = [Moments(d), Moments(d)]
+    merged = [Moments(d) for _ in labels]
     for c, mom in enumerate(moments):
-        merged[int(group_of[c])].merge(mom)
-    for g in (0, 1):
+        if c < len(group_of):
+            merged[int(group_of[c])].merge(mom)
+    for g, label in enumerate(labels):
         n_g = merged[g].n
         if n_g < 2:
-            raise DataError(f"{reader.table.name}: group {labels[g]!r} has {n_g} fit row{'s' if n_g != 1 else ''}; "
-                            "at least 2 are needed (add rows or lower --holdout)")
+            raise DataError(f"{reader.table.name}: group {label!r} has {n_g} fit row{'s' if n_g != 1 else ''}; "
+                            "at least 2 are needed (add rows, lower --holdout, or leave the group out with --groups)")
+        if n_g < FEW_GROUP_ROWS:
+            notes.append(f"group {label!r} has only {n_g} fit rows: its moments are noisy, and groups are never "
+                         "merged automatically (choose the groups with --groups)")
         if n_g < d:
-            notes.append(f"group {labels[g]!r} has {n_g} fit rows, fewer than the layer width {d}: its covariance "
+            notes.append(f"group {label!r} has {n_g} fit rows, fewer than the layer width {d}: its covariance "
                          "is rank deficient, so the second-moment step sees only part of the disparity")
-    stats = LayerStats.from_moments(merged[0], merged[1])
+    stats = GroupStats.from_moments(merged, labels)
     stats_finite(stats, layer, reader.table.name)
     return stats
 
@@ -638,19 +676,21 @@ def output_drift(original: onnx.ModelProto, patched: onnx.ModelProto, reader: Ro
     return out
 
 
-def capture_metrics(cap: Capture, reader: RowReader, collector: OutputCollector | None = None) -> OutputMetrics:
-    """Output metrics of the report rows collected by `capture`, or by `report_outputs` (same rows)."""
+def capture_metrics(cap: Capture, reader: RowReader, collector: OutputCollector | None = None, *,
+                    bootstrap: int = 0, seed: int = 0) -> OutputMetrics:
+    """Output metrics of the report rows collected by `capture`, or by `report_outputs` (same rows), with
+    `bootstrap` resamples for the confidence intervals (0: none)."""
     collector = cap.report if collector is None else collector
     if not collector.rows:
-        raise DataError(f"{reader.table.name}: no rows of the two groups to measure")
-    return collector.result(reader.group_labels(), reader.group_of_code())
+        raise DataError(f"{reader.table.name}: no rows of the compared groups to measure")
+    return collector.result(reader.group_labels(), reader.group_of_code(), bootstrap=bootstrap, seed=seed)
 
 
 def check_groups_present(cap: Capture, reader: RowReader) -> None:
-    """With --groups, both values must occur among the rows read."""
+    """With --groups, every value must occur among the rows read."""
     if reader.wanted is None:
         return
-    seen = {c for c in (0, 1) if cap.report.rows_of(c)}
+    seen = {c for c in range(len(reader.wanted)) if cap.report.rows_of(c)}
     for moments in cap.moments.values():
         seen.update(c for c, m in enumerate(moments) if m.n)
     for c, label in enumerate(reader.wanted):

@@ -13,6 +13,7 @@ from .errors import OptionError
 from .esvd import MomentGap, disparity_view
 from .graph import LinearLayer, find_layers, read_weight
 from .metrics import OutputMetrics
+from .guards import outputs_finite
 from .modelio import load_model
 from .score import resolve_score
 
@@ -49,7 +50,7 @@ class AuditResult:
     score: str
     model: str
     data: str
-    groups: tuple[str, str]
+    groups: tuple[str, ...]
     rows: int
     skipped: int
     metrics: OutputMetrics
@@ -58,6 +59,7 @@ class AuditResult:
     top: int
     eps: float
     warnings: tuple[str, ...]
+    group_column: str = ""
 
     def ranked(self) -> list[LayerAudit]:
         """Layers by rank (unranked ones last, in graph order)."""
@@ -74,7 +76,8 @@ class AuditResult:
 
 def audit(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = None, target: str | None = None,
           features: Sequence[str] | None = None, score: str | None = None, eps: float = 1e-5, top: int = 3,
-          batch_size: int = 4096, dropna: bool = False, progress: Any = None) -> AuditResult:
+          batch_size: int = 4096, dropna: bool = False, weights: str = "size", bootstrap: int = 200, seed: int = 0,
+          progress: Any = None) -> AuditResult:
     """Measure the scored output's metrics and the explainable-SVD view of every repairable layer it depends on,
     in one pass.
 
@@ -84,19 +87,20 @@ def audit(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = N
         raise OptionError(f"--eps {eps} is invalid; it must be a positive number (default 1e-5)")
     if not (isinstance(top, int) and top >= 1):
         raise OptionError(f"--top {top} is invalid; it must be a positive integer")
-    spec = data_spec(group, groups, target, features, score, dropna)
+    spec = data_spec(group, groups, target, features, score, dropna, weights)
     loaded = load_model(model)
     scored = resolve_score(loaded.model, score)
     found = find_layers(loaded.model, scored.tensor)
     layers_in = [layer for layer in found.layers if layer.feeds_score]
     reader = open_rows(loaded.model, data, spec, batch_size=batch_size)
     cap = capture(loaded.model, layers_in, reader, 0.0, progress or (lambda name, rows: None), scored)
-    metrics = capture_metrics(cap, reader)
+    outputs_finite(cap.report, source_name(model), scored.output)
+    metrics = capture_metrics(cap, reader, bootstrap=bootstrap, seed=seed)
     notes: list[str] = []
     views = []
     for layer in layers_in:
         stats = group_stats(cap, layer, reader, notes)
-        first, second = disparity_view(read_weight(loaded.model, layer), stats, eps=eps, top=top)
+        first, second = disparity_view(read_weight(loaded.model, layer), stats, eps=eps, top=top, weights=weights)
         views.append((layer, first, second, first.relative + second.relative))
     # A single-output final node cannot be usefully repaired: W S has one singular value, so the repair
     # only rescales W on range(S), which leaves KS unchanged, and nothing downstream can be refitted.
@@ -108,4 +112,5 @@ def audit(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = N
     return AuditResult(score=scored.describe(cap.width), model=source_name(model), data=source_name(data),
                        groups=reader.group_labels(),
                        rows=reader.total, skipped=reader.skipped, metrics=metrics, layers=layers,
-                       refused=dict(found.refused), top=top, eps=float(eps), warnings=tuple(dict.fromkeys(notes)))
+                       refused=dict(found.refused), top=top, eps=float(eps), warnings=tuple(dict.fromkeys(notes)),
+                       group_column=group)

@@ -107,10 +107,10 @@ def outputs_finite(collector, model: str, output: str, *, repaired: bool = False
 
 
 def stats_finite(stats, layer, source: str) -> None:
-    """The layer's input moments (a LayerStats: means [d], covariances and Gram [d, d]) are finite.
+    """The layer's input moments (a GroupStats: means [k, d], covariances [k, d, d], Gram [d, d]) are finite.
 
     They overflow when the layer's inputs are beyond ~1e154 (their squares pass float64's range)."""
-    for name in ("mean0", "mean1", "cov0", "cov1", "gram"):
+    for name in ("means", "covs", "gram"):
         if not np.isfinite(getattr(stats, name)).all():
             raise DataError(f"{source}: the inputs of node '{layer.name}' reach values whose squares overflow "
                             "float64, so their statistics are not finite; rescale the feature columns (or check the "

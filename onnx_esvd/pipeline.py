@@ -23,17 +23,19 @@ from . import _json
 from . import refit as refit_mod
 from .errors import DataError, LayerError, ModelError, OptionError
 from .esvd import EsvdResult, esvd
-from .guards import esvd_weight_fits, outputs_finite, refit_fits
+from .guards import esvd_weight_fits, outputs_finite
 from .graph import (LinearLayer, find_layers, output_path_is_value_preserving,
                     read_weight, select_layer, with_outputs, write_bias, write_weight)
 from .capture import (DataSpec, OutputDrift, Progress, RowReader, Rows, as_rows, capture, capture_metrics,
-                      data_spec, group_stats, open_rows, output_drift, report_outputs)
+                      data_spec, group_stats, layer_rows, open_rows, output_drift, report_outputs)
 from .data import Table, open_table
 from .metrics import OutputMetrics
 from .modelio import LoadedModel, check_output_path, load_model, save_model
 from .runtime import Runner, pipelined
 from .score import OtherOutput, Score, other_outputs, resolve_score
-from .stats import LayerStats
+from . import refits
+from .refits import MIN_KEEP, SAMPLE_ROWS, RefitSpec
+from .stats import GroupStats
 
 METADATA_KEY = "onnx_esvd.repair"
 
@@ -45,12 +47,17 @@ class RepairOptions:
     c1: float = 15.0
     c2: float = 150.0
     eps: float = 1e-5
-    refit: Literal["fair", "plain", "none"] = "fair"
+    refit: str = "fair"
     ridge: float | Literal["auto"] = "auto"
     holdout: float = 0.2
     seed: int = 0
     batch_size: int = 4096
     max_drift: float = 0.05
+    var_gap: float = 0.0
+    lam: float = 1.0
+    tune_layers: int | str = 1
+    weights: str = "size"
+    bootstrap: int = 200
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_drift, (int, float)) and np.isfinite(self.max_drift) and self.max_drift >= 0):
@@ -61,8 +68,7 @@ class RepairOptions:
                 raise OptionError(f"--{name} {v} is invalid; it must be a number >= 1 (1 skips that step)")
         if not (isinstance(self.eps, (int, float)) and np.isfinite(self.eps) and self.eps > 0):
             raise OptionError(f"--eps {self.eps} is invalid; it must be a positive number (default 1e-5)")
-        if self.refit not in ("fair", "plain", "none"):
-            raise OptionError(f"--refit {self.refit!r} is invalid; choose fair, plain or none")
+        self.refit_spec  # validates refit, var_gap, lam, tune_layers
         if self.ridge != "auto" and not (isinstance(self.ridge, (int, float)) and np.isfinite(self.ridge)
                                          and self.ridge >= 0):
             raise OptionError(f"--ridge {self.ridge} is invalid; give 'auto' or a number >= 0")
@@ -72,6 +78,16 @@ class RepairOptions:
             raise OptionError(f"--batch-size {self.batch_size} is invalid; it must be a positive integer")
         if not (isinstance(self.seed, int) and self.seed >= 0):
             raise OptionError(f"--seed {self.seed} is invalid; it must be an integer >= 0")
+        if self.weights not in ("size", "equal"):
+            raise OptionError(f"--weights {self.weights!r} is invalid; choose size or equal")
+        if not (isinstance(self.bootstrap, int) and 0 <= self.bootstrap <= 100_000):
+            raise OptionError(f"--bootstrap {self.bootstrap} is invalid; give a number of resamples in 0..100000 "
+                              "(0 turns the intervals off)")
+
+    @property
+    def refit_spec(self) -> RefitSpec:
+        return RefitSpec(mode=self.refit, ridge=self.ridge, var_gap=self.var_gap, lam=self.lam,
+                         tune=self.tune_layers)
 
 
 @dataclass(frozen=True)
@@ -121,6 +137,7 @@ class RepairResult:
     values: tuple = field(default=(), repr=False)  # ((g0, g1) before, (g0, g1) after): report outputs, for plots
     score: Score | None = None
     others: tuple[OutputDrift, ...] = ()
+    penalty: Any = None  # refits.PenaltyReport of a cdf/w2 refit
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the model, as plain JSON-ready values."""
@@ -145,7 +162,8 @@ class RepairResult:
                                  "lambda": self.esvd.first.lam, "bound_before": self.esvd.first.bound_before,
                                  "bound_after": self.esvd.first.bound_after},
             },
-            "refit": None if self.refit is None else self.refit.to_dict(),
+            "refit": None if self.refit is None else {**self.refit.to_dict(), **self.options.refit_spec.to_dict(),
+                                                      **({} if self.penalty is None else self.penalty.to_dict())},
             "refit_note": self.refit_note,
             "warnings": list(self.warnings),
         }
@@ -190,13 +208,18 @@ def repair(
     c1: float = 15.0,
     c2: float = 150.0,
     eps: float = 1e-5,
-    refit: Literal["fair", "plain", "none"] = "fair",
+    refit: str = "fair",
     ridge: float | Literal["auto"] = "auto",
+    var_gap: float = 0.0,
+    lam: float = 1.0,
+    tune_layers: int | str = 1,
+    weights: str = "size",
     holdout: float | None = None,
     seed: int = 0,
     batch_size: int = 4096,
     evaluate: Any = None,
     dropna: bool = False,
+    bootstrap: int = 200,
     progress: Progress | None = None,
 ) -> RepairResult:
     """Repair one linear node of `model` with explainable SVD and refit the final node.
@@ -213,8 +236,11 @@ def repair(
         max_drift: other outputs the repaired node feeds are distilled back to their original values; the repair
             is refused when one still moves by more than this relative RMS change on the report rows.
         c1, c2, eps: ESVD constants (first moment, second moment, ridge of delta delta^T).
-        refit: "fair" (ridge least squares with exact output mean parity), "plain", or "none".
+        refit: "fair" (ridge least squares with exact output mean parity), "moments" (mean parity and a variance
+            gap of `var_gap` times fair's), "cdf"/"w2" (least squares plus `lam` times a distribution penalty,
+            tuning the last `tune_layers` linear nodes), "plain", or "none".
         ridge: ridge term of the refit, or "auto" to choose it on a seeded validation part.
+        weights: group weights of the k-group steps, "size" (default) or "equal".
         holdout: share of rows kept out of the fit to measure before/after (0: fit and report on all). Default
             0.2, or 0 with `evaluate`.
         seed: seed of the holdout and validation splits.
@@ -223,14 +249,16 @@ def repair(
             and the fit uses every calibration row.
         dropna: skip rows with a missing feature, group or target value (counted in the report) instead of
             refusing the data.
+        bootstrap: resamples for the 95% confidence intervals of the report's metrics (0: none).
         progress: called as progress(pass_name, rows_done) after each batch.
 
     Returns:
         RepairResult with the new model (`.model`), the metrics and the details.
     """
     options = RepairOptions(c1=c1, c2=c2, eps=eps, refit=refit, ridge=ridge, holdout=resolve_holdout(holdout, evaluate),
-                            seed=seed, batch_size=batch_size, max_drift=max_drift)
-    spec = data_spec(group, groups, target, features, score, dropna)
+                            seed=seed, batch_size=batch_size, max_drift=max_drift, var_gap=var_gap, lam=lam,
+                            tune_layers=tune_layers, weights=weights, bootstrap=bootstrap)
+    spec = data_spec(group, groups, target, features, score, dropna, weights)
     loaded = load_model(model)
     return _repair(loaded, open_table(data), layer, spec, options, progress or (lambda name, rows: None),
                    evaluate=None if evaluate is None else open_table(evaluate))
@@ -256,7 +284,7 @@ class _Prepared:
     spec: DataSpec
     reader: RowReader
     cap: Any
-    stats: LayerStats
+    stats: GroupStats
     weight: np.ndarray
     before: OutputMetrics
     notes: list[str]
@@ -278,7 +306,7 @@ class _Prepared:
 
 def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: DataSpec, *, holdout: float,
              batch_size: int, seed: int, progress: Progress, refits: Sequence[str] = ("fair",),
-             evaluate: Table | None = None) -> _Prepared:
+             evaluate: Table | None = None, bootstrap: int = 0) -> _Prepared:
     """Pass 1: find the scored output and the layers, read the data, capture the layer's statistics and the
     report rows. Everything that can be refused from the model alone is refused before any data is read."""
     original = loaded.model
@@ -319,7 +347,7 @@ def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Dat
         raise DataError(f"{where}: no rows were left for the report; lower --holdout or add rows")
     outputs_finite(cap.report, str(loaded.path or "the model"), score.output)
     return _Prepared(loaded, layer, final, spec, reader, cap, stats, read_weight(original, layer),
-                     capture_metrics(cap, reader), notes, score, others, report_reader,
+                     capture_metrics(cap, reader, bootstrap=bootstrap, seed=seed), notes, score, others, report_reader,
                      0.0 if evaluate is not None else holdout)
 
 
@@ -358,23 +386,26 @@ def _patched(prep: _Prepared, weight: np.ndarray) -> onnx.ModelProto:
 def _repair(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: DataSpec, options: RepairOptions,
             progress: Progress, evaluate: Table | None = None) -> RepairResult:
     prep = _prepare(loaded, table, layer_spec, spec, holdout=options.holdout, batch_size=options.batch_size,
-                    seed=options.seed, progress=progress, refits=(options.refit,), evaluate=evaluate)
-    result = esvd(prep.weight, prep.stats, c1=options.c1, c2=options.c2, eps=options.eps)
+                    seed=options.seed, progress=progress, refits=(options.refit,), evaluate=evaluate,
+                    bootstrap=options.bootstrap)
+    result = esvd(prep.weight, prep.stats, c1=options.c1, c2=options.c2, eps=options.eps, weights=options.weights)
     patched = _patched(prep, result.weight)
     refit_report, refit_note = None, _refit_note(options.refit, prep)
-    collected = _collect_refit(prep, patched, options.holdout, progress, scored=not refit_note)
+    rspec = options.refit_spec
+    collected = _collect_refit(prep, patched, options.holdout, progress, scored=not refit_note, specs=[rspec])
+    penalty = None
     if collected is not None:
-        refit_report = _apply_refit(patched, prep, collected, options.refit, options.ridge)
-    return _finish(prep, patched, result, refit_report, refit_note, options, progress)
+        refit_report, penalty = _apply_refit(patched, prep, collected, rspec)
+    return _finish(prep, patched, result, refit_report, refit_note, options, progress, penalty)
 
 
 def _finish(prep: _Prepared, patched: onnx.ModelProto, result: EsvdResult, refit_report, refit_note: str,
-            options: RepairOptions, progress: Progress) -> RepairResult:
+            options: RepairOptions, progress: Progress, penalty: Any = None) -> RepairResult:
     """Pass 3 (the report of the repaired model), the result and its metadata record."""
     reader, rr, h = prep.reader, prep.report_reader, prep.report_holdout
     after_values = report_outputs(patched, rr, h, progress, prep.score)
     outputs_finite(after_values, "the repaired model", prep.score.output, repaired=True)
-    after = capture_metrics(prep.cap, reader, after_values)
+    after = capture_metrics(prep.cap, reader, after_values, bootstrap=options.bootstrap, seed=options.seed)
     drifts = tuple(dataclasses.replace(d, how=o.how) for o, d in zip(
         prep.others, output_drift(prep.original, patched, rr, h, [o.name for o in prep.others], progress)))
     notes = list(prep.notes)
@@ -390,7 +421,7 @@ def _finish(prep: _Prepared, patched: onnx.ModelProto, result: EsvdResult, refit
     if after.ks > prep.before.ks:
         notes.append(f"the repair made the KS worse on the report rows ({prep.before.ks:.4f} -> {after.ks:.4f}); "
                      "do not ship this model: try another --layer, --refit or more calibration rows")
-    counts = RowCounts(total=reader.total, skipped=reader.skipped, fit=prep.stats.n0 + prep.stats.n1,
+    counts = RowCounts(total=reader.total, skipped=reader.skipped, fit=int(np.sum(prep.stats.counts)),
                        report=prep.before.rows, dropped=reader.dropped)
     res = RepairResult(model=patched, layer=prep.layer, final=prep.final, groups=reader.group_labels(),
                        before=prep.before, after=after, report_rows=prep.report_rows, rows=counts,
@@ -398,15 +429,16 @@ def _finish(prep: _Prepared, patched: onnx.ModelProto, result: EsvdResult, refit
                        external_data=prep.loaded.external_data, warnings=tuple(notes),
                        values=(_group_values(prep.cap.report, reader), _group_values(after_values, reader)),
                        score=dataclasses.replace(prep.score, width=prep.cap.width or prep.score.width),
-                       others=drifts)
+                       others=drifts, penalty=penalty)
     _record(patched, res)
     return res
 
 
-def _group_values(collector: Any, reader: RowReader) -> tuple[np.ndarray, np.ndarray]:
-    """The report rows' outputs of group 0 and group 1 (for plots)."""
+def _group_values(collector: Any, reader: RowReader) -> tuple[np.ndarray, ...]:
+    """The report rows' outputs of each group, in group order (for plots)."""
     groups = [int(x) for x in reader.group_of_code()]
-    return tuple(collector.values(groups.index(g) if g in groups else g) for g in (0, 1))  # type: ignore[return-value]
+    k = len(reader.group_labels())
+    return tuple(collector.values(groups.index(g)) if g in groups else np.zeros((0, 1)) for g in range(k))
 
 
 @dataclass
@@ -417,6 +449,8 @@ class _RefitData:
     scored: refit_mod.RefitAccumulator | None
     kind: str
     distilled: dict[int, refit_mod.RefitAccumulator]
+    sample: Any = None  # StratifiedSample of the tuned chain's input rows (penalised refits)
+    chain: Any = None  # the tuned layers (tuning.GraphChain)
 
 
 def _refit_target_is_label(prep: _Prepared) -> bool:
@@ -426,21 +460,37 @@ def _refit_target_is_label(prep: _Prepared) -> bool:
 
 
 def _collect_refit(prep: _Prepared, patched: onnx.ModelProto, holdout: float, progress: Progress, *,
-                   scored: bool = True) -> _RefitData | None:
+                   scored: bool = True, specs: Sequence[RefitSpec] = ()) -> _RefitData | None:
     """Pass 2: stream the patched model's final-node inputs (and the targets) into refit moments: the scored
-    final node's (when `scored`) and those of other outputs' final nodes that are distilled."""
+    final node's (when `scored`) and those of other outputs' final nodes that are distilled; for a penalised
+    refit among `specs`, also a group-stratified sample of the tuned chain's input rows."""
     original, reader = prep.original, prep.reader
     finals = ([prep.final] if scored else []) + [o.final for o in prep.others if o.how == "distilled"]
     if not finals:
         return None
+    rows_spec = next((r for r in specs if r.needs_rows), None) if scored else None
+    chain = sample = None
+    if rows_spec is not None:
+        from .graph import find_layers
+        from .rowsample import StratifiedSample
+        from .tuning import graph_chain
+
+        tunes = {r.tune for r in specs if r.needs_rows}
+        if len(tunes) > 1:
+            raise OptionError("penalised refits in one run must tune the same number of layers (--tune-layers)")
+        chain = graph_chain(original, find_layers(original, prep.score.tensor), prep.final, rows_spec.tune)
+        sample = StratifiedSample(capacity=SAMPLE_ROWS, min_keep_per_group=MIN_KEEP, seed=prep.reader.seed)
     use_label = scored and _refit_target_is_label(prep)
     for final in finals:
         if final.bias is None and _has_unwritable_bias(original, final):
             raise LayerError(f"final node '{final.name}' has a bias C that the refit cannot rewrite (computed at run "
                              "time, or one value broadcast to several outputs); use --refit none")
-    accs = {f.index: refit_mod.RefitAccumulator(f.in_features, f.out_features) for f in finals}
-    runner = Runner(with_outputs(patched, [(f.input, f.elem_type) for f in finals]),
-                    list(dict.fromkeys(f.input for f in finals)))
+    k = len(reader.group_labels())
+    accs = {f.index: refit_mod.RefitAccumulator(f.in_features, f.out_features, k) for f in finals}
+    fetch = [(f.input, f.elem_type) for f in finals]
+    if chain is not None:
+        fetch.append((chain.input, chain.layers[0].elem_type))
+    runner = Runner(with_outputs(patched, fetch), list(dict.fromkeys(name for name, _ in fetch)))
     taught = [f for f in finals if not (use_label and f.index == prep.final.index)]
     teacher = (Runner(with_outputs(original, [(f.output, f.elem_type) for f in taught]),
                       list(dict.fromkeys(f.output for f in taught))) if taught else None)
@@ -454,7 +504,7 @@ def _collect_refit(prep: _Prepared, patched: onnx.ModelProto, holdout: float, pr
     for rows, (z_out, t_out) in pipelined(reader(select="fit", holdout=h), run):
         n = len(rows.code)
         in_val = (rows.u - h) / (1.0 - h) < refit_mod.RIDGE_VALIDATION_SHARE
-        in_group1 = group_of[rows.code] == 1
+        code = group_of[rows.code]
         for f in finals:
             z = as_rows(z_out[f.input], n, f"input '{f.input}' of the final node")
             if z.shape[1] != f.in_features:
@@ -464,37 +514,38 @@ def _collect_refit(prep: _Prepared, patched: onnx.ModelProto, holdout: float, pr
                 t = as_rows(t_out[f.output], n, f"output '{f.output}' of node '{f.name}'")
             else:
                 t = rows.target.reshape(n, 1)
-            accs[f.index].add(z, t, in_group1, in_val)
+            accs[f.index].add(z, t, code, in_val)
+            if sample is not None and f is prep.final:
+                x = layer_rows(np.asarray(z_out[chain.input]), n, chain.layers[0]) if chain.input != f.input else z
+                sample.add(x, t, code)
         done += n
         progress("refit", done)
     runner.close()
     if teacher is not None:
         teacher.close()
     return _RefitData(accs[prep.final.index] if scored else None, "label" if use_label else "distillation",
-                      {f.index: accs[f.index] for f in finals if not (scored and f.index == prep.final.index)})
+                      {f.index: accs[f.index] for f in finals if not (scored and f.index == prep.final.index)},
+                      sample, chain)
 
 
-def _apply_refit(patched: onnx.ModelProto, prep: _Prepared, data: _RefitData, mode: str,
-                 ridge: Any) -> refit_mod.RefitReport | None:
-    """Solve the refits from the collected moments and write them into `patched`: the scored final node in
-    `mode` (fair, plain), the distilled nodes of other outputs by plain least squares on their original values."""
-    report = None
-    if data.scored is not None and mode != "none":
-        report = _write_refit(patched, prep.final, data.scored, mode, ridge, data.kind)
+def _apply_refit(patched: onnx.ModelProto, prep: _Prepared, data: _RefitData, spec: RefitSpec
+                 ) -> tuple[refit_mod.RefitReport | None, Any]:
+    """Solve the refits from what pass 2 collected and write them into `patched`: the scored final node (and,
+    for a penalised refit, the tuned layers before it) as `spec` says, the distilled nodes of other outputs by
+    plain least squares on their original values. Returns the refit report and the penalised refit's details."""
+    report = penalty = None
+    if data.scored is not None and spec.mode != "none":
+        sol, report = refits.fit_final(data.scored, prep.final, spec, data.kind)
+        if spec.needs_rows:
+            report, penalty = refits.penalised(patched, data.chain, data.sample, sol, report, spec,
+                                               prep.reader.group_labels())
+        else:
+            refits.write_solution(patched, prep.final, sol)
     by_index = {o.final.index: o.final for o in prep.others if o.how == "distilled"}
     for index, acc in data.distilled.items():
-        _write_refit(patched, by_index[index], acc, "plain", ridge, "distillation")
-    return report
-
-
-def _write_refit(patched: onnx.ModelProto, final: LinearLayer, acc: refit_mod.RefitAccumulator, mode: str,
-                 ridge: Any, kind: str) -> refit_mod.RefitReport:
-    sol, report = refit_mod.fit(acc, mode=mode, ridge=ridge, fit_intercept=final.bias is not None, target_kind=kind)
-    refit_fits(sol.coef, sol.intercept, final)
-    write_weight(patched, final, sol.coef)
-    if sol.intercept is not None:
-        write_bias(patched, final, sol.intercept)
-    return report
+        sol, _ = refits.fit_final(acc, by_index[index], RefitSpec(mode="plain", ridge=spec.ridge), "distillation")
+        refits.write_solution(patched, by_index[index], sol)
+    return report, penalty
 
 
 def _has_unwritable_bias(model: onnx.ModelProto, layer: LinearLayer) -> bool:

@@ -64,7 +64,8 @@ def plot_tradeoff(result: Any, path: str | os.PathLike) -> Path:
     has_mse = result.before.mse is not None
     cost = (lambda m: m.mse) if has_mse else (lambda m: m.mean_gap)
     fig, ax = plt.subplots(figsize=(7, 4.8), dpi=110)
-    for mode, marker in (("fair", "o"), ("plain", "s"), ("none", "^")):
+    for mode, marker in (("fair", "o"), ("moments", "D"), ("cdf", "v"), ("w2", "P"), ("plain", "s"),
+                         ("none", "^")):
         pts = [p for p in result.points if p.refit == mode]
         if pts:
             ax.scatter([p.metrics.ks for p in pts], [cost(p.metrics) for p in pts], marker=marker, s=28, alpha=0.6,
@@ -73,8 +74,8 @@ def plot_tradeoff(result: Any, path: str | os.PathLike) -> Path:
     ax.plot([p.metrics.ks for p in front], [cost(p.metrics) for p in front], color="tab:red", lw=1.5, marker="o",
             ms=7, mfc="none", label="Pareto front")
     for p in front:
-        ax.annotate(f"c1={p.c1:g}, c2={p.c2:g}", (p.metrics.ks, cost(p.metrics)), fontsize=7, xytext=(4, 3),
-                    textcoords="offset points")
+        ax.annotate(f"c1={p.c1:g}, c2={p.c2:g}, {p.setting.describe()}", (p.metrics.ks, cost(p.metrics)), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
     ax.scatter([result.before.ks], [cost(result.before)], color="k", marker="*", s=140, label="original model")
     ax.set_xlabel(f"KS between the groups' outputs ({result.report_rows} rows)")
     ax.set_ylabel("MSE" if has_mse else "mean gap")
@@ -89,15 +90,16 @@ def plot_tradeoff(result: Any, path: str | os.PathLike) -> Path:
 
 
 def plot_distributions(result: Any, path: str | os.PathLike) -> Path:
-    """The two groups' output ECDFs before and after a repair (the KS is their largest vertical gap)."""
+    """The groups' output ECDFs before and after a repair (the KS is the largest vertical gap between two)."""
     plt = _pyplot()
-    (b0, b1), (a0, a1) = result.values
+    before, after = result.values
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110, sharex=True, sharey=True)
-    for ax, (g0, g1), title, metrics in ((axes[0], (b0, b1), "before", result.before),
-                                         (axes[1], (a0, a1), "after", result.after)):
-        for values, label, color in ((g0, result.groups[0], "tab:blue"), (g1, result.groups[1], "tab:orange")):
-            v = np.sort(np.asarray(values, dtype=np.float64)[:, 0])
-            ax.step(v, np.arange(1, v.size + 1) / max(v.size, 1), where="post", color=color,
+    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["tab:blue", "tab:orange"])
+    for ax, values_by_group, title, metrics in ((axes[0], before, "before", result.before),
+                                                (axes[1], after, "after", result.after)):
+        for i, (values, label) in enumerate(zip(values_by_group, result.groups)):
+            v = np.sort(np.asarray(values, dtype=np.float64)[:, 0]) if len(values) else np.zeros(0)
+            ax.step(v, np.arange(1, v.size + 1) / max(v.size, 1), where="post", color=colors[i % len(colors)],
                     label=f"{label} (n={v.size})")
         ax.set_title(f"{title}: KS {metrics.ks:.3f}, mean gap {metrics.mean_gap:.3f}")
         ax.set_xlabel("model output")

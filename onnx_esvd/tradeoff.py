@@ -6,6 +6,7 @@ One capture pass serves the whole sweep. Each (c1, c2) then costs its math plus 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
@@ -18,12 +19,25 @@ from .esvd import esvd
 from .graph import LinearLayer
 from .metrics import OutputMetrics
 from .modelio import load_model
+from .refits import RefitSpec
 from .pipeline import (RepairOptions, RepairResult, _apply_refit, _collect_refit, _patched, _prepare, _refit_note,
                        repair, resolve_holdout)
 
 #: The default grid of `sweep` and of `repair --max-ks` (the paper benchmark's grid).
 C1_GRID: tuple[float, ...] = (1, 5, 15, 50, 150)
 C2_GRID: tuple[float, ...] = (1, 10, 150, 1000)
+
+
+#: The refit settings `repair --max-ks` searches when no --refit is given: mean parity, mean and variance
+#: parity at two variance gaps, and the CDF penalty at three weights (README: "Choosing the refit").
+BUDGET_REFITS: tuple[RefitSpec, ...] = (
+    RefitSpec("fair"), RefitSpec("moments", var_gap=0.5), RefitSpec("moments", var_gap=0.0),
+    RefitSpec("cdf", lam=0.3), RefitSpec("cdf", lam=1.0), RefitSpec("cdf", lam=3.0))
+
+
+#: The knob values a budget tries for an explicit `--refit moments` / `--refit cdf|w2` without --var-gap / --lam.
+BUDGET_VAR_GAPS: tuple[float, ...] = (0.5, 0.25, 0.0)
+BUDGET_LAMS: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -36,10 +50,16 @@ class SweepPoint:
     metrics: OutputMetrics
     pareto: bool = False
     layer: int | None = None  # index of the repaired layer (set when several layers were tried)
+    spec: RefitSpec | None = None  # the refit with its knobs (var_gap, lam, tune)
+
+    @property
+    def setting(self) -> RefitSpec:
+        return self.spec if self.spec is not None else RefitSpec(self.refit)
 
     def to_dict(self) -> dict[str, Any]:
         m = self.metrics
-        return {"layer": self.layer, "c1": self.c1, "c2": self.c2, "refit": self.refit, "ks": m.ks,
+        return {"layer": self.layer, "c1": self.c1, "c2": self.c2, "refit": self.refit,
+                **{k: v for k, v in self.setting.to_dict().items() if k != "mode"}, "ks": m.ks,
                 "mean_gap": m.mean_gap, "mse": m.mse, "mae": m.mae, "pareto": self.pareto}
 
 
@@ -82,50 +102,65 @@ def _grid(values: Sequence[float] | None, default: Sequence[float], name: str) -
     return tuple(dict.fromkeys(out))
 
 
+def refit_settings(refit: Sequence[str] | None, var_gap: Sequence[float] | None = None,
+                   lam: Sequence[float] | None = None, tune_layers: int | str = 1,
+                   ridge: float | str = "auto") -> tuple[RefitSpec, ...]:
+    """Every refit setting of a sweep: each mode, `moments` once per var_gap, `cdf`/`w2` once per lam."""
+    out = []
+    for mode in dict.fromkeys(refit or ("fair",)):
+        if mode == "moments":
+            out += [RefitSpec(mode, ridge=ridge, var_gap=float(v)) for v in dict.fromkeys(var_gap or (0.0,))]
+        elif mode in ("cdf", "w2"):
+            out += [RefitSpec(mode, ridge=ridge, lam=float(v), tune=tune_layers) for v in dict.fromkeys(lam or (1.0,))]
+        else:
+            out.append(RefitSpec(mode, ridge=ridge))
+    return tuple(out)
+
+
 def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequence[str] | None = None,
           target: str | None = None, features: Sequence[str] | None = None, score: str | None = None,
           c1: Sequence[float] | None = None, c2: Sequence[float] | None = None, refit: Sequence[str] | None = None,
-          eps: float = 1e-5,
+          var_gap: Sequence[float] | None = None, lam: Sequence[float] | None = None, tune_layers: int | str = 1,
+          refits: Sequence[RefitSpec] | None = None, eps: float = 1e-5, weights: str = "size",
           ridge: float | Literal["auto"] = "auto", holdout: float | None = None, seed: int = 0,
           batch_size: int = 4096, evaluate: Any = None, dropna: bool = False, max_drift: float = 0.05,
           progress: Any = None) -> SweepResult:
-    """Fit every (c1, c2, refit) combination on the fit rows and measure each on the holdout rows (or on every
-    row of `evaluate`)."""
+    """Fit every (c1, c2, refit setting) on the fit rows and measure each on the holdout rows (or on every row
+    of `evaluate`). Refit settings: `refit` modes with the `var_gap` (moments) and `lam` (cdf, w2) lists, or
+    `refits` given directly."""
     c1s, c2s = _grid(c1, C1_GRID, "c1"), _grid(c2, C2_GRID, "c2")
-    modes = tuple(dict.fromkeys(refit or ("fair",)))
-    for mode in modes:
-        RepairOptions(refit=mode)  # validates the name
+    settings = tuple(refits) if refits else refit_settings(refit, var_gap, lam, tune_layers, ridge)
     holdout = resolve_holdout(holdout, evaluate)
     options = RepairOptions(eps=eps, ridge=ridge, holdout=holdout, seed=seed, batch_size=batch_size,
-                            max_drift=max_drift)
-    spec = data_spec(group, groups, target, features, score, dropna)
+                            max_drift=max_drift, weights=weights, bootstrap=0)
+    spec = data_spec(group, groups, target, features, score, dropna, weights)
     progress = progress or (lambda name, rows: None)
     prep = _prepare(load_model(model), open_table(data), layer, spec, holdout=holdout, batch_size=batch_size,
-                    seed=seed, progress=progress, refits=modes,
+                    seed=seed, progress=progress, refits=tuple(r.mode for r in settings),
                     evaluate=None if evaluate is None else open_table(evaluate))
-    points: list[tuple[float, float, str, OutputMetrics]] = []
+    points: list[tuple[float, float, RefitSpec, OutputMetrics]] = []
+    scored = any(not _refit_note(r.mode, prep) for r in settings)
     for a in c1s:
         for b in c2s:
-            patched = _patched(prep, esvd(prep.weight, prep.stats, c1=a, c2=b, eps=options.eps).weight)
+            patched = _patched(prep, esvd(prep.weight, prep.stats, c1=a, c2=b, eps=options.eps,
+                                          weights=weights).weight)
             collected = None
-            for mode in modes:
+            for setting in settings:
                 model_m = patched
-                needs = not _refit_note(mode, prep) or prep.others
-                if needs:
-                    if collected is None:  # one refit pass per patched layer, shared by the refit modes
-                        collected = _collect_refit(prep, patched, holdout, progress,
-                                                   scored=any(not _refit_note(m, prep) for m in modes))
+                if not _refit_note(setting.mode, prep) or prep.others:
+                    if collected is None:  # one refit pass per patched layer, shared by the refit settings
+                        collected = _collect_refit(prep, patched, holdout, progress, scored=scored, specs=settings)
                     model_m = patched.__class__()
                     model_m.CopyFrom(patched)
                     if collected is not None:
-                        _apply_refit(model_m, prep, collected, mode, options.ridge)
+                        _apply_refit(model_m, prep, collected, setting)
                 after = capture_metrics(prep.cap, prep.reader, report_outputs(
-                    model_m, prep.report_reader, prep.report_holdout, progress, prep.score))
-                points.append((a, b, mode, after))
+                    model_m, prep.report_reader, prep.report_holdout, progress, prep.score), seed=seed)
+                points.append((a, b, setting, after))
     flags = pareto_flags([(m.ks, _cost(m)) for *_rest, m in points])
     return SweepResult(layer=prep.layer, groups=prep.reader.group_labels(), before=prep.before,
-                       points=tuple(SweepPoint(a, b, mode, m, f, prep.layer.index)
-                                    for (a, b, mode, m), f in zip(points, flags)),
+                       points=tuple(SweepPoint(a, b, r.mode, m, f, prep.layer.index, r)
+                                    for (a, b, r, m), f in zip(points, flags)),
                        report_rows=prep.report_rows, warnings=tuple(prep.notes))
 
 
@@ -155,6 +190,10 @@ def repair_within_budget(model: Any, data: Any, *, layer: int | str, group: str,
                          c2: Sequence[float] | None = None, **kwargs: Any) -> BudgetResult:
     """Search the settings and repair with the lowest-MSE one whose holdout KS (and mean gap) meet the budget.
 
+    Without `refit`, the settings are BUDGET_REFITS (fair; moments at var-gap 0.5 and 0; cdf at lam 0.3, 1, 3) at
+    c1 = 15, c2 = 150 (or the c1/c2 values given); with `refit` modes, the c1 x c2 grid (default C1_GRID x
+    C2_GRID) with those modes and their knobs (`var_gap`, `lam` lists).
+
     Needs a target column (settings are ranked by MSE). When no setting meets the budget, `result` is
     None and `closest` is the setting with the smallest excess over the budget.
     """
@@ -167,8 +206,22 @@ def repair_within_budget(model: Any, data: Any, *, layer: int | str, group: str,
     if target is None:
         raise OptionError("--max-ks and --max-mean-gap rank the settings by MSE: add --target COL")
     layers = auto_layers(model, data, group=group, target=target, **kwargs) if layer == "auto" else [layer]
-    sweeps = [sweep(model, data, layer=lay, group=group, target=target, c1=c1, c2=c2, refit=refit, **kwargs)
-              for lay in layers]
+    knobs = {k: kwargs.pop(k) for k in ("var_gap", "lam", "tune_layers") if k in kwargs}
+    ridge = kwargs.get("ridge", "auto")
+    if refit:
+        settings = refit_settings(refit, knobs.get("var_gap") or BUDGET_VAR_GAPS, knobs.get("lam") or BUDGET_LAMS,
+                                  knobs.get("tune_layers", 1), ridge)
+        if any(r.mode in ("moments", "cdf", "w2") for r in settings):  # their knobs are the search
+            c1, c2 = c1 or (15.0,), c2 or (150.0,)
+    else:
+        tune = knobs.get("tune_layers", 1)
+        settings = tuple(dataclasses.replace(r, ridge=ridge, tune=tune if r.needs_rows else r.tune)
+                         for r in BUDGET_REFITS)
+    sweep_kwargs = {k: v for k, v in kwargs.items() if k != "bootstrap"}
+    if not refit:  # the refit decides far more than c1 and c2: search the refits at the given constants
+        c1, c2 = c1 or (15.0,), c2 or (150.0,)
+    sweeps = [sweep(model, data, layer=lay, group=group, target=target, c1=c1, c2=c2, refits=settings,
+                    **sweep_kwargs) for lay in layers]
     result = sweeps[0] if len(sweeps) == 1 else SweepResult(
         layer=sweeps[0].layer, groups=sweeps[0].groups, before=sweeps[0].before,
         points=tuple(p for sw in sweeps for p in sw.points), report_rows=sweeps[0].report_rows,
@@ -185,10 +238,11 @@ def repair_within_budget(model: Any, data: Any, *, layer: int | str, group: str,
     winner = feasible[0]
     runner_up = feasible[1] if len(feasible) > 1 else None
     passed = ("groups", "features", "score", "eps", "ridge", "holdout", "seed", "batch_size", "progress", "evaluate",
-              "dropna", "max_drift")
+              "dropna", "max_drift", "weights", "bootstrap")
     options = {k: v for k, v in kwargs.items() if k in passed}
+    w = winner.setting
     chosen = repair(model, data, layer=winner.layer, group=group, target=target, c1=winner.c1, c2=winner.c2,
-                    refit=winner.refit, **options)
+                    refit=w.mode, var_gap=w.var_gap, lam=w.lam, tune_layers=w.tune, **options)
     return BudgetResult(chosen, winner, runner_up, None, budget, result)
 
 

@@ -232,7 +232,8 @@ def test_ks_max_pairwise_equals_brute_force(groups):
 
 
 def _brute_bootstrap(values, sq, counted, resamples, seed):
-    """The same resamples as the library (one rng.integers draw per group, in group order), scored directly."""
+    """The same resamples as the library (one rng.integers draw per group, in group order), scored directly.
+    Percentile intervals; the library reflects those of KS and the mean gap around the point (basic bootstrap)."""
     rng = np.random.default_rng(seed)
     ks, gap, mse = [], [], []
     total = sum(len(v) for v in values)
@@ -259,7 +260,10 @@ def test_bootstrap_intervals_equal_brute_force_and_are_seeded(k):
     om = output_metrics(pred, code, labels, target, bootstrap=60, seed=3)
     want = _brute_bootstrap(values, [(v - t) ** 2 for v, t in zip(values, targets)], list(range(k)), 60, 3)
     assert set(om.intervals) == {"ks", "mean_gap", "mse"}
+    point = {"ks": om.ks, "mean_gap": om.mean_gap}
     for name, (lo, hi) in want.items():
+        if name in point:  # basic bootstrap: [2p - q97.5, 2p - q2.5], clipped at 0
+            lo, hi = max(0.0, 2 * point[name] - hi), max(0.0, 2 * point[name] - lo)
         assert om.intervals[name] == pytest.approx((lo, hi), abs=1e-12), name
     assert om.intervals == output_metrics(pred, code, labels, target, bootstrap=60, seed=3).intervals
     assert om.intervals != output_metrics(pred, code, labels, target, bootstrap=60, seed=4).intervals
@@ -276,6 +280,18 @@ def test_bootstrap_interval_contains_the_point_value():
     for name, point in (("ks", om.ks), ("mean_gap", om.mean_gap), ("mse", om.mse)):
         lo, hi = om.intervals[name]
         assert lo < point < hi, (name, lo, point, hi)
+
+
+def test_ks_interval_is_for_the_population_ks_and_reaches_zero_when_groups_agree():
+    # two groups from one distribution: the population KS is 0 and the observed KS is pure noise; resampled KS
+    # values sit above the observed one, so a percentile interval would claim a gap. The reflected interval
+    # covers 0 (and may sit below the observed, upward-biased value).
+    rng = np.random.default_rng(5)
+    pred = rng.normal(size=900)
+    code = (rng.random(900) < 0.1).astype(int)
+    om = output_metrics(pred, code, ["a", "b"], bootstrap=200, seed=0)
+    lo, hi = om.intervals["ks"]
+    assert lo == 0.0 and hi < 2 * om.ks
 
 
 @pytest.mark.parametrize("sizes", [(60, 25), (40, 35, 50, 30)])

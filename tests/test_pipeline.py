@@ -365,12 +365,12 @@ def test_groups_pick_two_of_three_values(three_groups):
     assert res.rows.skipped == int(np.sum(table_of("gemm_transb0_alpha.csv")["g"][np.arange(2000) % 7 != 3] == "a"))
 
 
-def test_three_groups_without_groups_is_refused(three_groups):
+def test_three_groups_without_groups_are_all_repaired(three_groups):
+    # issue 13: every value of the group column is a group (before: refused, asking for --groups)
     path, _, _ = three_groups
-    with pytest.raises(DataError) as info:
-        run_case("gemm_transb0_alpha.onnx", data=path)
-    msg = str(info.value)
-    assert "'g'" in msg and "--groups" in msg and "three.csv" in msg
+    res = run_case("gemm_transb0_alpha.onnx", data=path)
+    assert res.groups == ("a", "b", "c") and res.rows.skipped == 0
+    assert [g.label for g in res.after.groups] == ["a", "b", "c"]
 
 
 def test_groups_value_not_present_is_refused(three_groups):
@@ -389,7 +389,7 @@ def test_groups_match_numeric_labels():
     assert_same_weights(weights_of(res.model, [1, -1]), weights_of(base.model, [1, -1]), F32_RTOL, "numeric")
 
 
-@pytest.mark.parametrize("groups", [("a",), ("a", "b", "c"), ("a", "a"), ("1", "1.0")])
+@pytest.mark.parametrize("groups", [("a",), ("rest", "a"), ("a", "a"), ("1", "1.0")])
 def test_groups_option_validation(groups):
     with pytest.raises(OptionError):
         run_case("gemm_transb0_alpha.onnx", groups=groups)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Protocol
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, OptionError
 
 Keep = Callable[[int, int], np.ndarray]
 Missing = Literal["error", "skip"]
@@ -88,9 +88,9 @@ class Table:
         """
         numeric, text = [str(c) for c in numeric], [str(c) for c in text]
         if missing not in ("error", "skip"):
-            raise ValueError(f"missing={missing!r}; use 'error' or 'skip'")
+            raise OptionError(f"missing={missing!r} is invalid; use 'error' or 'skip'")
         if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
-            raise ValueError(f"batch_size={batch_size!r}; it must be a positive integer")
+            raise OptionError(f"batch_size={batch_size!r} is invalid; it must be a positive integer")
         absent = [c for c in numeric + text if c not in self.columns]
         if absent:
             raise DataError(f"{self.name}: no column '{absent[0]}' (columns: {', '.join(self.columns)})")
@@ -118,10 +118,7 @@ def _blank(arr: np.ndarray) -> np.ndarray:
     """[n] bool: the strings that are empty or only whitespace."""
     arr = np.asarray(arr)
     if arr.dtype.kind == "U":
-        empty = arr == ""
-        if arr.dtype.itemsize == 0:
-            return empty
-        return empty | (np.char.str_len(np.char.strip(arr)) == 0)
+        return (arr == "") | np.char.isspace(arr)  # isspace: non-empty and only whitespace
     return np.array([not str(s).strip() for s in arr], dtype=bool)
 
 

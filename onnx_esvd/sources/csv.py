@@ -165,6 +165,7 @@ class CsvTable(Table):
                     if len(nonblank) < len(records):
                         records = [records[i] for i in nonblank]
                         line_numbers = line_numbers[nonblank]
+                self._check_field_counts(records, line_numbers)
                 n_rows = len(records)
                 index = None
                 if keep is not None and n_rows:  # parse only the rows asked for
@@ -178,6 +179,21 @@ class CsvTable(Table):
                     texts = self._strings(records, tidx, line_numbers)
                     yield Batch(start, values, {c: texts[:, j] for j, c in enumerate(text)}, line_numbers, index)
                 start += n_rows
+
+    def _check_field_counts(self, records: list[str], line_numbers: np.ndarray) -> None:
+        """Refuse a record with more or fewer fields than the header (e.g. an unquoted decimal comma
+        "1,5" in a comma file shifts every later field: a silently wrong row). Chunks holding quotes
+        are left to the parser (a quoted field may hold the delimiter)."""
+        d, want = self.delimiter, len(self.columns) - 1
+        joined = "".join(records)
+        if '"' in joined or joined.count(d) == want * len(records):
+            return
+        for record, line in zip(records, line_numbers):
+            got = record.count(d)
+            if got != want:
+                raise DataError(f"{self.path}: line {line} has {got + 1} fields but the header has {want + 1}; "
+                                "quote values that hold the delimiter (or a decimal comma: export with a decimal "
+                                "point) and fix that row")
 
     def _records(self, chunk: list[str], f: IO[str], first_line: int) -> tuple[list[str], np.ndarray, int]:
         """The chunk's lines joined into records (a quoted field may hold newlines): records, [n] first
@@ -237,16 +253,29 @@ class CsvTable(Table):
         """[n, len(idx)] float64; missing tokens -> NaN; anything else that is not a number is refused."""
         if not idx or not records:
             return np.zeros((len(records), len(idx)))
-        try:
-            return self._loadtxt(records, idx, float, line_numbers)
-        except DataError:
-            raise
-        except ValueError:
-            pass  # a missing token or a bad value somewhere: parse as text, then convert
-        raw = self._loadtxt(records, idx, str, line_numbers)
-        out = np.empty(raw.shape, dtype=np.float64)
-        for j in range(raw.shape[1]):
-            field = np.char.strip(raw[:, j])
+        # Columns where a field is no plain number (a missing token or a bad value) are parsed as text
+        # and converted below; the others stay on loadtxt's fast float parser.
+        out = np.empty((len(records), len(idx)), dtype=np.float64)
+        slow: list[int] = []  # positions in idx
+        while True:
+            fast = [j for j in range(len(idx)) if j not in slow]
+            if not fast:
+                break
+            try:
+                out[:, fast] = self._loadtxt(records, [idx[j] for j in fast], float, line_numbers)
+                break
+            except DataError:
+                raise
+            except ValueError as exc:
+                m = re.search(r"at row \d+, column (\d+)", str(exc))
+                col = int(m.group(1)) - 1 if m else -1
+                hit = [j for j in fast if idx[j] == col]
+                slow += hit if hit else fast
+        if not slow:
+            return out
+        raw = self._loadtxt(records, [idx[j] for j in slow], str, line_numbers)
+        for k, j in enumerate(slow):
+            field = np.char.strip(raw[:, k])
             missing = np.isin(np.char.lower(field), MISSING_TOKENS)
             try:
                 out[:, j] = np.where(missing, "nan", field).astype(np.float64)
@@ -257,7 +286,7 @@ class CsvTable(Table):
                         if _DECIMAL_COMMA.fullmatch(value):
                             raise DataError(f"{where} holds '{value}', a decimal comma; export the file with a decimal "
                                             "point (1.5, not 1,5)") from None
-                        raise DataError(f"{where} holds '{raw[r, j]}', not a number; clean or drop that row") from None
+                        raise DataError(f"{where} holds '{raw[r, k]}', not a number; clean or drop that row") from None
                 raise
         return out
 

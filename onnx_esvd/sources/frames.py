@@ -151,7 +151,11 @@ def arrow_text(col: Any) -> np.ndarray:
         if col.null_count:
             return render_text(np.array(col.to_pylist(), dtype=object))  # Python ints stay exact
         return render_text(col.to_numpy(zero_copy_only=False))
-    return np.asarray(pc.fill_null(pc.cast(col, pa.string()), "").to_numpy(zero_copy_only=False)).astype(str)
+    try:
+        as_text = pc.cast(col, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise DataError(f"holds {t} values; give strings or numbers") from None
+    return np.asarray(pc.fill_null(as_text, "").to_numpy(zero_copy_only=False)).astype(str)
 
 
 class ArrayTable(Table):

@@ -60,23 +60,56 @@ class ParquetTable(Table):
         except Exception as exc:
             raise DataError(f"{self.path}: not a readable Parquet file ({_first_line(exc)})") from None
         try:
-            batches = pf.iter_batches(batch_size=batch_size, columns=wanted)
-            while True:
-                try:
-                    rb = next(batches, None)
-                except Exception as exc:
-                    raise DataError(f"{self.path}: cannot read rows from {start + 1} on ({_first_line(exc)}); the "
-                                    "file is truncated or corrupt") from None
-                if rb is None:
-                    return
+            raw = pf.iter_batches(batch_size=batch_size, columns=wanted)
+
+            def record_batches() -> Iterator[Any]:
+                while True:
+                    try:
+                        rb = next(raw, None)
+                    except Exception as exc:
+                        raise DataError(f"{self.path}: cannot read rows from {start + 1} on ({_first_line(exc)}); "
+                                        "the file is truncated or corrupt") from None
+                    if rb is None:
+                        return
+                    yield rb
+
+            # Row groups cut record batches short; regroup them into blocks of exactly `batch_size` rows so that
+            # every source feeds the same blocks of rows (the float64 reductions then agree bit for bit).
+            for rb in _rechunk(record_batches(), batch_size):
                 n = rb.num_rows
                 values = np.empty((n, len(numeric)), dtype=np.float64)
                 for j, c in enumerate(numeric):
                     values[:, j] = arrow_numeric(rb.column(c), self.name, c)
-                yield Batch(start, values, {c: arrow_text(rb.column(c)) for c in text})
+                yield Batch(start, values, {c: self._text(rb, c) for c in text})
                 start += n
         finally:
             pf.close()
+
+
+    def _text(self, rb: Any, c: str) -> np.ndarray:
+        try:
+            return arrow_text(rb.column(c))
+        except DataError as exc:
+            raise DataError(f"{self.path}: column '{c}' {exc}") from None
+
+
+def _rechunk(batches: Iterator[Any], size: int) -> Iterator[Any]:
+    """Arrow record batches regrouped into tables of exactly `size` rows (the last may be shorter)."""
+    import pyarrow as pa
+
+    pending: list[Any] = []
+    count = 0
+    for rb in batches:
+        pending.append(rb)
+        count += rb.num_rows
+        while count >= size:
+            table = pa.Table.from_batches(pending)
+            yield table.slice(0, size).combine_chunks()
+            rest = table.slice(size)
+            pending = rest.to_batches() if rest.num_rows else []
+            count = rest.num_rows
+    if count:
+        yield pa.Table.from_batches(pending).combine_chunks()
 
 
 def _first_line(exc: BaseException) -> str:
