@@ -411,3 +411,26 @@ def test_k_group_shards_equal_the_one_process_pass(tmp_path, groups):
         assert set(merged.seen) == {"black", "rest"} and merged.skipped == 0
     w = read_weight(model, lin)
     assert weight_rel(esvd(w, got).weight, esvd(w, want).weight) < 1e-9
+
+
+def test_parquet_shards_with_an_empty_file_read_as_one_table(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import csv
+
+    with open(DATA, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for i, (a, b) in enumerate([(0, 1000), (1000, 1000), (1000, 6018)]):  # the middle file has no rows
+        cols = {c: [r[c] for r in rows[a:b]] for c in rows[0]}
+        table = {c: (pa.array(v, pa.string()) if c == "race1" else pa.array([float(x) for x in v], pa.float64()))
+                 for c, v in cols.items()}
+        pq.write_table(pa.table(table), tmp_path / f"part-{i}.parquet")
+    many = open_table(str(tmp_path / "part-*.parquet"))
+    assert many.file_offsets() == [0, 1000, 1000, 6018]
+    keep = lambda s, n: np.arange(s, s + n) % 5 != 0  # noqa: E731
+    a, ia = _rows(many, keep)
+    b, ib = _rows(open_table(DATA), keep)
+    np.testing.assert_array_equal(ia, ib)
+    assert (a == b).all()
+    want, _, _ = reference_stats()
+    assert_same_stats(capture_layer(MODEL, str(tmp_path / "part-*.parquet"), -2, **OPTS).to_group_stats(), want)
