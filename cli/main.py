@@ -457,6 +457,11 @@ def check(
         raise typer.Exit(1)
 
 
+from .shards import register as _register_shards  # noqa: E402 - `capture` and `merge` (issue 15)
+
+_register_shards(app)
+
+
 def run() -> None:
     """Console-script entry point."""
     app()

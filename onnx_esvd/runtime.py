@@ -28,7 +28,7 @@ class Runner:
     fused kernels would change in the last bits (enough to flip a near-tie and so the KS).
     """
 
-    def __init__(self, model: onnx.ModelProto, outputs: Sequence[str]) -> None:
+    def __init__(self, model: onnx.ModelProto, outputs: Sequence[str], *, threads: int | None = None) -> None:
         import onnxruntime as ort
 
         # onnxruntime's own log lines (warnings about unused initializers, ...) never reach stderr:
@@ -45,6 +45,8 @@ class Runner:
         # Spinning worker threads would compete with numpy's BLAS, which runs between the batches
         # (measured: a 1M-row repair took twice as long with spinning on).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:  # e.g. 1 in each of several worker processes on one machine (engines/dask_engine.py)
+            opts.intra_op_num_threads = threads
         self._tmp: tempfile.TemporaryDirectory | None = None
         try:
             if model.ByteSize() < _INLINE_LIMIT:

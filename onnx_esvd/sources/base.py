@@ -283,7 +283,8 @@ _TEXT_SUFFIXES = (".csv", ".txt", ".tsv", ".tab", "")
 def open_table(data: Any) -> Table:
     """Turn data into a `Table`.
 
-    data: a path (.csv/.tsv/.txt, optionally .gz/.bz2/.xz; .npz; .parquet/.pq), a mapping of arrays,
+    data: a path (.csv/.tsv/.txt, optionally .gz/.bz2/.xz; .npz; .parquet/.pq), a directory or glob pattern of
+    such files (read as one table, see `multi`), a mapping of arrays,
     a pandas DataFrame, a pyarrow Table or RecordBatch, or a re-iterable reader (or factory) of batches.
     """
     from .frames import ArrayTable, ReaderTable
@@ -291,7 +292,9 @@ def open_table(data: Any) -> Table:
     if isinstance(data, Table):
         return data
     if isinstance(data, (str, os.PathLike)):
-        return _open_path(Path(data))
+        from .multi import is_many, open_many  # a directory or glob pattern: many files as one table
+
+        return open_many(data) if is_many(data) else _open_path(Path(data))
     family, kind = type(data).__module__.split(".")[0], type(data).__name__
     if family == "pandas":
         if kind == "DataFrame":

@@ -1,0 +1,93 @@
+"""The layer pass on a real Dask LocalCluster (two worker processes) equals the one-process pass."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+from conftest import assert_bad_input, invoke  # noqa: E402
+from test_shards import CUTS, DATA, MODEL, OPTS, _split_csv, assert_same_stats, reference_stats, weight_rel  # noqa: E402
+
+from onnx_esvd.capture import data_spec  # noqa: E402
+from onnx_esvd.errors import DataError, OptionError  # noqa: E402
+from onnx_esvd.esvd import esvd  # noqa: E402
+from onnx_esvd.graph import read_weight  # noqa: E402
+from onnx_esvd.shards import LayerPartial  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cl = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=50)
+    client = distributed.Client(cl)
+    yield client
+    client.close()
+    cl.close()
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dask_shards")
+    _split_csv(DATA, d, cuts=(0, 700, 1500, 2600, 4000, 5000), gz_last=True)
+    (d / "part-9.csv").write_text(DATA.read_text().splitlines(keepends=True)[0])  # an empty shard: no rows
+    return d
+
+
+SPEC = data_spec(OPTS["group"], OPTS["groups"], OPTS["target"], None)
+
+
+def test_dask_layer_pass_equals_one_process(cluster, shard_dir):
+    from onnx_esvd.engines.dask_engine import layer_pass_dask
+
+    want, lin, model = reference_stats()
+    partial = layer_pass_dask(MODEL, str(shard_dir / "part-*"), lin, SPEC, holdout=0.2, seed=3, scheduler=cluster)
+    assert partial.ranges == [(0, 6018)] and len(partial.sources) == 7
+    got = partial.to_group_stats()
+    assert_same_stats(got, want)
+    w = read_weight(model, lin)
+    assert weight_rel(esvd(w, got).weight, esvd(w, want).weight) < 1e-9
+    # both tasks' processes did work: the per-worker session cache lives in the workers, not here
+    from onnx_esvd.engines import dask_engine
+
+    assert not dask_engine._SESSIONS
+
+
+def test_dask_by_scheduler_address_and_errors_from_workers(cluster, shard_dir, tmp_path):
+    from onnx_esvd.engines.dask_engine import layer_pass_dask
+
+    address = cluster.scheduler.address
+    partial = layer_pass_dask(MODEL, shard_dir, -2, SPEC, holdout=0.2, seed=3, scheduler=address)
+    assert partial.rows == 6018
+    # a bad value in one file: the worker's one-line DataError reaches the client, naming the file and line
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    files = _split_csv(DATA, bad, cuts=CUTS)
+    lines = files[1].read_text().splitlines(keepends=True)
+    lines[5] = ",".join([""] + lines[5].split(",")[1:])
+    files[1].write_text("".join(lines))
+    with pytest.raises(DataError, match=r"part-1.csv: line 6, column 'dnn_bar_pass_prediction' is empty"):
+        layer_pass_dask(MODEL, bad, -2, SPEC, holdout=0.2, seed=3, scheduler=address)
+
+
+def test_capture_command_with_dask_engine(cluster, shard_dir, tmp_path):
+    address = cluster.scheduler.address
+    common = ["--layer", "-2", "--group", "race1", "--groups", "white,black", "--target", "ugpa", "--seed", "3", "-q"]
+    r = invoke("capture", MODEL, "--data", str(shard_dir / "part-*"), *common, "--engine", "dask",
+               "--scheduler", address, "-o", tmp_path / "d.npz")
+    assert r.exit_code == 0, r.stderr
+    want, _, _ = reference_stats()
+    assert_same_stats(LayerPartial.load(tmp_path / "d.npz").to_group_stats(), want)
+    assert_bad_input(invoke("capture", MODEL, "--data", DATA, *common, "--scheduler", address,
+                            "-o", tmp_path / "e.npz"), "--scheduler needs --engine dask")
+
+
+def test_missing_dask_says_how_to_install(monkeypatch):
+    from onnx_esvd.engines.dask_engine import require_dask
+
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    with pytest.raises(OptionError, match=r"pip install 'onnx-esvd\[dask\]'"):
+        require_dask()
