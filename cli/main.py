@@ -173,6 +173,13 @@ def repair(
     tune_layers: TuneOpt = "1",
     weights: WeightsOpt = "size",
     bootstrap: BootstrapOpt = 200,
+    layer_stats: Annotated[Optional[Path], typer.Option(
+        "--layer-stats", metavar="ALL.npz", help="Layer statistics from `capture`/`merge`, used instead of the "
+                                                 "layer pass.")] = None,
+    engine: Annotated[str, typer.Option("--engine", metavar="local|dask", help="Where the layer pass runs: this "
+                                        "process, or a Dask cluster (one task per data file).")] = "local",
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler", metavar="ADDRESS", help="--engine dask: an "
+                                                     "existing scheduler (default: a local cluster).")] = None,
     ridge: RidgeOpt = "auto",
     holdout: HoldoutOpt = None,
     seed: SeedOpt = 0,
@@ -216,6 +223,11 @@ def repair(
                       evaluate=evaluate, dropna=dropna, max_drift=max_drift, eps=eps, ridge=ridge_value,
                       holdout=holdout, seed=seed, batch_size=batch_size, weights=weights, bootstrap=bootstrap,
                       tune_layers=_tune(tune_layers), progress=progress)
+        if (layer_stats is not None or engine != "local") and (max_ks is not None or max_mean_gap is not None
+                                                                 or layer.strip() == "auto"):
+            from onnx_esvd import OptionError
+
+            raise OptionError("--layer-stats and --engine dask need a fixed --layer and no --max-ks/--max-mean-gap")
         try:
             if max_ks is not None or max_mean_gap is not None:
                 from onnx_esvd import repair_within_budget
@@ -232,7 +244,7 @@ def repair(
                                      **common)
             else:
                 result = run_repair(model, data, layer=layer, c1=c1, c2=c2, refit=refit or "fair", var_gap=var_gap,
-                                    lam=lam, **common)
+                                    lam=lam, layer_stats=layer_stats, engine=engine, scheduler=scheduler, **common)
         finally:
             progress.close()
         if result is None:  # no setting meets the budget: write nothing, exit 1

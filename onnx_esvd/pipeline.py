@@ -11,6 +11,7 @@ Passes over the data (each streamed in batches):
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -23,7 +24,7 @@ from . import _json
 from . import refit as refit_mod
 from .errors import DataError, LayerError, ModelError, OptionError
 from .esvd import EsvdResult, esvd
-from .guards import esvd_weight_fits, outputs_finite
+from .guards import esvd_weight_fits, outputs_finite, stats_finite
 from .graph import (LinearLayer, find_layers, output_path_is_value_preserving,
                     read_weight, select_layer, with_outputs, write_bias, write_weight)
 from .capture import (DataSpec, OutputDrift, Progress, RowReader, Rows, as_rows, capture, capture_metrics,
@@ -220,6 +221,9 @@ def repair(
     evaluate: Any = None,
     dropna: bool = False,
     bootstrap: int = 200,
+    layer_stats: Any = None,
+    engine: str = "local",
+    scheduler: Any = None,
     progress: Progress | None = None,
 ) -> RepairResult:
     """Repair one linear node of `model` with explainable SVD and refit the final node.
@@ -250,6 +254,9 @@ def repair(
         dropna: skip rows with a missing feature, group or target value (counted in the report) instead of
             refusing the data.
         bootstrap: resamples for the 95% confidence intervals of the report's metrics (0: none).
+        layer_stats: a statistics file from `onnx-esvd capture`/`merge` used instead of the layer pass (its
+            model, layer, columns, groups and split must be this run's).
+        engine, scheduler: "dask" runs the layer pass on a Dask cluster (scheduler address, or a local cluster).
         progress: called as progress(pass_name, rows_done) after each batch.
 
     Returns:
@@ -260,8 +267,9 @@ def repair(
                             tune_layers=tune_layers, weights=weights, bootstrap=bootstrap)
     spec = data_spec(group, groups, target, features, score, dropna, weights)
     loaded = load_model(model)
+    where = LayerPass(layer_stats, engine, scheduler, data)
     return _repair(loaded, open_table(data), layer, spec, options, progress or (lambda name, rows: None),
-                   evaluate=None if evaluate is None else open_table(evaluate))
+                   evaluate=None if evaluate is None else open_table(evaluate), layer_pass=where)
 
 
 def resolve_holdout(holdout: float | None, evaluate: Any) -> float:
@@ -306,7 +314,7 @@ class _Prepared:
 
 def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: DataSpec, *, holdout: float,
              batch_size: int, seed: int, progress: Progress, refits: Sequence[str] = ("fair",),
-             evaluate: Table | None = None, bootstrap: int = 0) -> _Prepared:
+             evaluate: Table | None = None, bootstrap: int = 0, layer_pass: LayerPass | None = None) -> _Prepared:
     """Pass 1: find the scored output and the layers, read the data, capture the layer's statistics and the
     report rows. Everything that can be refused from the model alone is refused before any data is read."""
     original = loaded.model
@@ -325,8 +333,14 @@ def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Dat
     report_reader = reader
     if evaluate is not None:
         report_reader = open_rows(original, evaluate, spec, batch_size=batch_size, seed=seed, groups=reader.index)
-    cap = capture(original, [layer], reader, holdout, progress, score, report=evaluate is None)
-    stats = group_stats(cap, layer, reader, notes)
+    elsewhere = layer_pass is not None and layer_pass.elsewhere
+    cap = capture(original, [] if elsewhere else [layer], reader, holdout, progress, score, report=evaluate is None)
+    if elsewhere:
+        stats = layer_pass.group_stats(original, layer, spec, reader, holdout=holdout, seed=seed,
+                                       batch_size=batch_size, notes=notes)
+        stats_finite(stats, layer, table.name)
+    else:
+        stats = group_stats(cap, layer, reader, notes)
     if evaluate is not None:
         reader.index.frozen = True  # the evaluation file is measured on the calibration's groups
         cap.report = report_outputs(original, report_reader, 0.0, progress, score, first_pass=True)
@@ -349,6 +363,49 @@ def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Dat
     return _Prepared(loaded, layer, final, spec, reader, cap, stats, read_weight(original, layer),
                      capture_metrics(cap, reader, bootstrap=bootstrap, seed=seed), notes, score, others, report_reader,
                      0.0 if evaluate is not None else holdout)
+
+
+@dataclass(frozen=True)
+class LayerPass:
+    """Where the layer pass (per-group moments of the repaired node's input on the fit rows) runs.
+
+    Attributes:
+        stats: a statistics file from `onnx-esvd capture`/`merge` (or a LayerPartial) used instead of the pass.
+        engine: "local" (this process) or "dask" (one task per data file on a Dask cluster).
+        scheduler: the Dask scheduler address (or Client); None starts a local cluster.
+        data: the data as given (the Dask engine opens the files on the workers).
+    """
+
+    stats: Any = None
+    engine: str = "local"
+    scheduler: Any = None
+    data: Any = None
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("local", "dask"):
+            raise OptionError(f"--engine {self.engine!r} is invalid; choose local or dask")
+        if self.stats is not None and self.engine != "local":
+            raise OptionError("--layer-stats and --engine dask are alternatives: the statistics are already computed")
+
+    @property
+    def elsewhere(self) -> bool:
+        return self.stats is not None or self.engine == "dask"
+
+    def group_stats(self, model: onnx.ModelProto, layer: LinearLayer, spec: DataSpec, reader: RowReader, *,
+                    holdout: float, seed: int, batch_size: int, notes: list[str]) -> GroupStats:
+        labels = reader.group_labels()
+        if self.stats is not None:
+            from .layer_pass import layer_stats_for_repair
+
+            return layer_stats_for_repair(self.stats, model, layer, spec, holdout=holdout, seed=seed,
+                                          columns=reader, labels=labels, notes=notes)[0]
+        from .engines.dask_engine import group_stats_dask
+
+        if not isinstance(self.data, (str, os.PathLike)):
+            raise OptionError("--engine dask reads data files on the workers: give --data a file, directory or glob")
+        notes.append("the layer pass ran on Dask workers (one task per data file)")
+        return group_stats_dask(model, self.data, layer, spec, holdout=holdout, seed=seed, labels=labels,
+                                notes=notes, batch_size=batch_size, scheduler=self.scheduler)
 
 
 def _check_refit(mode: str, layer: LinearLayer, final: LinearLayer | None, found: Any) -> None:
@@ -384,10 +441,10 @@ def _patched(prep: _Prepared, weight: np.ndarray) -> onnx.ModelProto:
 
 
 def _repair(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: DataSpec, options: RepairOptions,
-            progress: Progress, evaluate: Table | None = None) -> RepairResult:
+            progress: Progress, evaluate: Table | None = None, layer_pass: LayerPass | None = None) -> RepairResult:
     prep = _prepare(loaded, table, layer_spec, spec, holdout=options.holdout, batch_size=options.batch_size,
                     seed=options.seed, progress=progress, refits=(options.refit,), evaluate=evaluate,
-                    bootstrap=options.bootstrap)
+                    bootstrap=options.bootstrap, layer_pass=layer_pass)
     result = esvd(prep.weight, prep.stats, c1=options.c1, c2=options.c2, eps=options.eps, weights=options.weights)
     patched = _patched(prep, result.weight)
     refit_report, refit_note = None, _refit_note(options.refit, prep)

@@ -432,3 +432,27 @@ def test_parquet_shards_with_an_empty_file_read_as_one_table(tmp_path):
     assert (a == b).all()
     want, _, _ = reference_stats()
     assert_same_stats(capture_layer(MODEL, str(tmp_path / "part-*.parquet"), -2, **OPTS).to_group_stats(), want)
+
+
+# ------------------------------------------------------------------------------------------------
+# repair --layer-stats / --engine dask through the pipeline
+
+
+def test_repair_with_merged_layer_stats_equals_the_one_process_repair(tmp_path, shards):
+    from onnx_esvd import repair
+
+    parts = [capture_layer(MODEL, f, -2, first_row=start, group="race1", groups=["white", "black"], target="ugpa",
+                           holdout=0.2, seed=3) for f, start in zip(shards, CUTS)]
+    stats = tmp_path / "all.npz"
+    merge_all(parts).save(stats)
+    kw = dict(layer=-2, group="race1", groups=["white", "black"], target="ugpa", holdout=0.2, seed=3, bootstrap=0)
+    one = repair(MODEL, DATA, **kw)
+    merged = repair(MODEL, DATA, layer_stats=stats, **kw)
+    w_one, w_merged = read_weight(one.model, one.layer), read_weight(merged.model, merged.layer)
+    assert weight_rel(w_merged, w_one) < 1e-6  # stored float32: equal up to the last bit of a few entries
+    assert merged.after.ks == pytest.approx(one.after.ks, abs=1e-6)
+    assert any("layer statistics come from" in w for w in merged.warnings)
+    with pytest.raises(DataError, match="--seed differs"):
+        repair(MODEL, DATA, layer_stats=stats, **{**kw, "seed": 4})
+    with pytest.raises(OptionError, match="alternatives"):
+        repair(MODEL, DATA, layer_stats=stats, engine="dask", **kw)
