@@ -163,9 +163,9 @@ def repair(
                                                    "c2 (1 skips).")] = 150.0,
     eps: EpsOpt = 1e-5,
     refit: Annotated[Optional[str], typer.Option(
-        "--refit", show_default="fair", help="Refit of the final node: fair (output mean parity), moments (mean and "
-                                             "variance parity), cdf or w2 (least squares plus a distribution "
-                                             "penalty), plain (least squares), none.")] = None,
+        "--refit", show_default="auto: cdf, or fair for a final node with several outputs",
+        help="Refit of the final node: cdf or w2 (least squares plus a distribution penalty), fair (output mean "
+             "parity), moments (mean and variance parity), plain (least squares), none.")] = None,
     var_gap: Annotated[float, typer.Option("--var-gap", help="Refit moments: the output variance gap kept, as a "
                                                              "share of fair's (0: equal variances).")] = 0.0,
     lam: Annotated[float, typer.Option("--lam", "--w2", help="Refit cdf/w2: weight of the distribution "
@@ -240,10 +240,10 @@ def repair(
             elif layer.strip() == "auto":
                 from onnx_esvd.tradeoff import repair_auto
 
-                result = repair_auto(model, data, c1=c1, c2=c2, refit=refit or "fair", var_gap=var_gap, lam=lam,
+                result = repair_auto(model, data, c1=c1, c2=c2, refit=refit or "auto", var_gap=var_gap, lam=lam,
                                      **common)
             else:
-                result = run_repair(model, data, layer=layer, c1=c1, c2=c2, refit=refit or "fair", var_gap=var_gap,
+                result = run_repair(model, data, layer=layer, c1=c1, c2=c2, refit=refit or "auto", var_gap=var_gap,
                                     lam=lam, layer_stats=layer_stats, engine=engine, scheduler=scheduler, **common)
         finally:
             progress.close()

@@ -96,7 +96,8 @@ def test_missing_dask_says_how_to_install(monkeypatch):
 def test_repair_with_the_dask_engine_equals_the_one_process_repair(cluster, shard_dir):
     from onnx_esvd import repair
 
-    kw = dict(layer=-2, group="race1", groups=["white", "black"], target="ugpa", holdout=0.2, seed=3, bootstrap=0)
+    kw = dict(layer=-2, group="race1", groups=["white", "black"], target="ugpa", holdout=0.2, seed=3, bootstrap=0,
+              refit="fair")
     one = repair(MODEL, DATA, **kw)
     dist = repair(MODEL, str(shard_dir / "part-*"), engine="dask", scheduler=cluster, **kw)
     assert weight_rel(read_weight(dist.model, dist.layer), read_weight(one.model, one.layer)) < 1e-6  # float32

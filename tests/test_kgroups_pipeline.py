@@ -47,7 +47,7 @@ def holdout_rows(n, h=0.2, seed=0):
 
 
 def test_k_group_repair_metrics_match_a_direct_computation(five):
-    res = repair(MODEL, five, layer=1, group="g", target="y", bootstrap=0)
+    res = repair(MODEL, five, layer=1, group="g", target="y", bootstrap=0, refit="fair")
     assert res.groups == ("p", "q", "r", "s", "t")
     rep = holdout_rows(len(five["g"]))
     for metrics, model in ((res.before, MODEL), (res.after, res.model)):
@@ -168,7 +168,7 @@ def test_moments_refit_equalises_the_groups_output_variance_on_the_fit_rows():
     data = FIXTURES / "gemm_transb0_alpha.csv"
     tab = load_table(data)
     d = {c: np.asarray(v) for c, v in tab.items()}
-    fair = repair(MODEL, d, layer=1, group="g", target="y", bootstrap=0)
+    fair = repair(MODEL, d, layer=1, group="g", target="y", bootstrap=0, refit="fair")
     mom = repair(MODEL, d, layer=1, group="g", target="y", bootstrap=0, refit="moments", var_gap=0.0)
     fit = ~holdout_rows(len(d["g"]))
     for res, equal_var in ((fair, False), (mom, True)):

@@ -445,7 +445,8 @@ def test_repair_with_merged_layer_stats_equals_the_one_process_repair(tmp_path, 
                            holdout=0.2, seed=3) for f, start in zip(shards, CUTS)]
     stats = tmp_path / "all.npz"
     merge_all(parts).save(stats)
-    kw = dict(layer=-2, group="race1", groups=["white", "black"], target="ugpa", holdout=0.2, seed=3, bootstrap=0)
+    kw = dict(layer=-2, group="race1", groups=["white", "black"], target="ugpa", holdout=0.2, seed=3, bootstrap=0,
+              refit="fair")
     one = repair(MODEL, DATA, **kw)
     merged = repair(MODEL, DATA, layer_stats=stats, **kw)
     w_one, w_merged = read_weight(one.model, one.layer), read_weight(merged.model, merged.layer)
