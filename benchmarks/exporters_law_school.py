@@ -58,6 +58,8 @@ def main() -> None:
                     help="rows the repair is fitted on (train: the model's training rows, as in the paper)")
     ap.add_argument("--source", type=Path, default=law.DEFAULT_SOURCE)
     ap.add_argument("--cache", type=Path, default=None, help="keep/reuse the trained torch weights there")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="start no new seed after this many minutes; the tables cover the seeds done")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -91,10 +93,15 @@ def main() -> None:
                 cells.append(f"{refit} {mse1:.4f}/{ks1:.3f}")
             print(f"seed {seed} {name:13s} none {mse0:.4f}/{ks0:.3f}  " + "  ".join(cells)
                   + f"  [{time.perf_counter() - t_start:.0f}s]", flush=True)
+        if args.max_minutes is not None and time.perf_counter() - t_start > 60 * args.max_minutes and \
+                seed + 1 < args.seeds:
+            print(f"--max-minutes {args.max_minutes:g} reached: stopping after {seed + 1} of {args.seeds} seeds")
+            break
+    n_seeds = len({r["seed"] for r in rows})
     elapsed = time.perf_counter() - t_start
     print()
     print(f"Law School (black vs white), repair fitted on the {args.calib} split with holdout 0, test split 15%, "
-          f"{args.seeds} seeds ({datetime.date.today().isoformat()}, run time {elapsed:.0f}s).")
+          f"{n_seeds} seeds ({datetime.date.today().isoformat()}, run time {elapsed:.0f}s).")
     print("mean test MSE / KS over seeds; worst seed = the highest MSE and the highest KS over seeds;")
     print("vs fair = mean over seeds of (MSE / fair's MSE) and of (KS - fair's KS) on the same model.")
     print(f"{'exporter':13s}  {'refit':10s}  {'MSE':>7s}  {'KS':>6s}  {'worst MSE':>9s}  {'worst KS':>8s}  "

@@ -196,6 +196,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="write every measured value there")
     ap.add_argument("--source", type=Path, default=law.DEFAULT_SOURCE)
     ap.add_argument("--cache", type=Path, default=None, help="keep/reuse the trained torch weights there")
+    ap.add_argument("--tune-all-seeds", type=int, default=None,
+                    help="run the tune_layers=all row (the slowest) on the first N seeds only")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="start no new seed after this many minutes; the tables cover the seeds done")
     ap.add_argument("--replot", type=Path, default=None, metavar="JSON",
                     help="only redraw --plot from the values an earlier run wrote with --json")
     args = ap.parse_args()
@@ -231,7 +235,8 @@ def main() -> None:
             return done[key]
 
         for name, options in REPAIRS.items():
-            methods[name].append(repaired(**options))
+            if name != TUNE_ALL or seed < (args.tune_all_seeds if args.tune_all_seeds is not None else args.seeds):
+                methods[name].append(repaired(**options))
         budget = onnx_esvd.repair_within_budget(model, calib, layer=-2, group="race1", target="ugpa", max_ks=MAX_KS,
                                                 holdout=0.2, bootstrap=0)
         if budget.result is not None:
@@ -259,21 +264,26 @@ def main() -> None:
         btxt = (f"budget {b['setting']} (holdout KS {b['holdout_ks']:.3f})" if b["met"]
                 else f"budget not met (closest {b['closest']}, holdout KS {b['holdout_ks']:.3f})")
         line = "  ".join(f"{name.split(' (')[0].replace('ESVD + ', '')} {v[-1][0]:.4f}/{v[-1][1]:.3f}"
-                         for name, v in methods.items() if v[-1] is not None)
+                         for name, v in methods.items() if len(v) > seed and v[-1] is not None)
         print(f"seed {seed}: {line}  {btxt}  [{time.perf_counter() - started:.0f}s]", flush=True)
+        if args.max_minutes is not None and time.perf_counter() - started > 60 * args.max_minutes and \
+                seed + 1 < args.seeds:
+            print(f"--max-minutes {args.max_minutes:g} reached: stopping after {seed + 1} of {args.seeds} seeds")
+            break
 
-    n = args.seeds
+    n = len(methods[NO_REPAIR])
     elapsed = time.perf_counter() - started
     print()
     print(f"Law School (black vs white), paper MLP, legacy export, repair fitted on the training rows, "
           f"test split, mean ± std over {n} seeds ({datetime.date.today().isoformat()}, run time {elapsed:.0f}s):")
-    print(f"{'method':62s}  {'MSE':>15s}  {'KS':>13s}")
+    print(f"{'method':72s}  {'MSE':>15s}  {'KS':>13s}")
     for name, values in methods.items():
         got = [v for v in values if v is not None]
-        label = name if name != BUDGET else f"{name} [{len(got)}/{n} seeds met it]"
-        print(f"{label:62s}  {_summary(got) if got else 'no seed met the budget'}")
+        label = (f"{name} [{len(got)}/{n} seeds met it]" if name == BUDGET
+                 else f"{name} [{len(got)} seeds]" if len(got) != n else name)
+        print(f"{label:72s}  {_summary(got) if got else 'no seed met the budget'}")
     for name, (mse, ks) in PAPER.items():
-        print(f"{name:62s}  {mse:.3f}            {ks:.3f}")
+        print(f"{name:72s}  {mse:.3f}            {ks:.3f}")
     print()
     print(f"tune_layers=all retrains every linear node (fine-tuning): the repaired model no longer tracks the")
     print(f"original one example by example, unlike the other rows, which change one node and refit the final one.")
