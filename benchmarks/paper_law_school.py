@@ -155,19 +155,19 @@ def _plot(path: Path, fronts: dict, methods: dict) -> None:
             zoom.annotate(f"{k:g}", (ks, mse), fontsize=7, color=color, xytext=(3, 2), textcoords="offset points")
     marks = {NO_REPAIR: ("k", "s"), PLAIN: ("tab:gray", "v"), "ESVD + w2 refit (lam 3)": ("tab:brown", "P"),
              TUNE_ALL: ("tab:pink", "X"), BUDGET: ("tab:red", "o"), CHZHEN: ("tab:purple", "D")}
-    for name, (color, marker) in marks.items():
-        values = [v for v in methods[name] if v is not None]
+    for name, (color, marker) in marks.items():  # the rows on the seeds the fronts ran on
+        values = [v for v in methods[name][:n_front] if v is not None]
         if not values:
             continue
         mse, ks = np.mean(values, axis=0)
-        label = name if name != BUDGET else f"{name}, mean of {len(values)} seeds that met it"
+        label = name if name != BUDGET else f"{name}, {len(values)} of {n_front} seeds met it"
         for axis in ((ax, zoom) if name not in (NO_REPAIR, PLAIN) else (ax,)):
             axis.scatter([ks], [mse], color=color, marker=marker, s=60, zorder=5,
                          label=label if axis is ax else None)
     mse, ks = PAPER["ESVDFair (paper)"]
     ax.scatter([ks], [mse], color="tab:red", marker="*", s=140, zorder=5, label="ESVDFair, the paper's Table 1")
-    ax.set_title(f"Law School, paper MLP, test split: rows mean of {len(methods[NO_REPAIR])} seeds, "
-                 f"fronts of {n_front}", fontsize=9)
+    ax.set_title(f"Law School, paper MLP, test split, mean of {n_front} seed{'s' if n_front > 1 else ''}",
+                 fontsize=9)
     zoom.set_title("the fronts up close (labels: c1/c2, var_gap, lam)", fontsize=9)
     for axis in (ax, zoom):
         axis.set_xlabel("KS between the groups' predictions (lower is fairer)")
@@ -187,6 +187,49 @@ def _fronts_from_json(saved: dict) -> dict:
             "cdf": {float(k): v for k, v in saved["fronts"]["cdf"].items()}}
 
 
+def _report(methods: dict, budget_info: list, fronts: dict, elapsed: float) -> None:
+    """Print the tables: the rows (mean ± std over seeds), the budget per seed, the fronts."""
+    n = len(methods[NO_REPAIR])
+    print()
+    print(f"Law School (black vs white), paper MLP, legacy export, repair fitted on the training rows, "
+          f"test split, mean ± std over {n} seeds ({datetime.date.today().isoformat()}, run time {elapsed:.0f}s):")
+    print(f"{'method':72s}  {'MSE':>15s}  {'KS':>13s}")
+    for name, values in methods.items():
+        got = [v for v in values if v is not None]
+        label = (f"{name} [{len(got)}/{n} seeds met it]" if name == BUDGET
+                 else f"{name} [{len(got)} seeds]" if len(got) != n else name)
+        print(f"{label:72s}  {_summary(got) if got else 'no seed met the budget'}")
+    for name, (mse, ks) in PAPER.items():
+        print(f"{name:72s}  {mse:.3f}            {ks:.3f}")
+    print()
+    print(f"tune_layers=all retrains every linear node (fine-tuning): the repaired model no longer tracks the")
+    print(f"original one example by example, unlike the other rows, which change one node and refit the final one.")
+    met = [(b, v) for b, v in zip(budget_info, methods[BUDGET]) if b["met"]]
+    print()
+    print(f"budget max_ks={MAX_KS} (holdout 0.2 of the training rows ranks the settings): met on the holdout for "
+          f"{len(met)} of {n} seeds")
+    for b, v in zip(budget_info, methods[BUDGET]):
+        if b["met"]:
+            print(f"  seed {b['seed']}: {b['setting']:16s} holdout KS {b['holdout_ks']:.3f}  test MSE {v[0]:.4f}  "
+                  f"test KS {v[1]:.3f}  {'meets' if v[1] <= BAR_KS and v[0] <= BAR_MSE else 'misses'} "
+                  f"issue 12's bar (test KS <= {BAR_KS}, MSE <= {BAR_MSE})")
+        else:
+            print(f"  seed {b['seed']}: no setting met the budget on the holdout (closest: {b['closest']}, "
+                  f"holdout KS {b['holdout_ks']:.3f})")
+    if fronts["fair"]:
+        m = len(next(iter(fronts["fair"].values())))
+        print()
+        print(f"fronts, mean test MSE / KS over {m} seeds (c1 = 15, c2 = 150 for moments and cdf):")
+        print("fair, c1 \\ c2 " + "".join(f"{c2:>17d}" for c2 in C2_GRID))
+        for c1 in C1_GRID:
+            cells = "".join("   {:.4f} / {:.3f}".format(*np.mean(fronts["fair"][(c1, c2)], axis=0)) for c2 in C2_GRID)
+            print(f"{c1:>13d} {cells}")
+        print("moments var_gap " + "".join("   {:>4g}: {:.4f} / {:.3f}".format(g, *np.mean(fronts["moments"][g], axis=0))
+                                           for g in VAR_GAPS))
+        print("cdf lam         " + "".join("   {:>4g}: {:.4f} / {:.3f}".format(g, *np.mean(fronts["cdf"][g], axis=0))
+                                           for g in LAMS))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=10)
@@ -200,12 +243,28 @@ def main() -> None:
                     help="run the tune_layers=all row (the slowest) on the first N seeds only")
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="start no new seed after this many minutes; the tables cover the seeds done")
+    ap.add_argument("--seed-from", type=int, default=0, help="run seeds seed-from .. seeds-1")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="only print the tables (and --plot) of earlier runs' --json files together")
     ap.add_argument("--replot", type=Path, default=None, metavar="JSON",
                     help="only redraw --plot from the values an earlier run wrote with --json")
     args = ap.parse_args()
     if args.replot:
         saved = json.loads(args.replot.read_text())
         _plot(args.plot or Path("docs/law_school_tradeoff.png"), _fronts_from_json(saved), saved["methods"])
+        return
+    if args.merge:
+        runs = [json.loads(p.read_text()) for p in args.merge]
+        methods = {k: [v for r in runs for v in r["methods"][k]] for k in runs[0]["methods"]}
+        fronts = {fam: {} for fam in ("fair", "moments", "cdf")}
+        for r in runs:
+            for fam, points in _fronts_from_json(r).items():
+                for key, v in points.items():
+                    fronts[fam].setdefault(key, []).extend(v)
+        print(f"merged {len(args.merge)} runs: seeds " + ", ".join(str(b["seed"]) for r in runs for b in r["budget"]))
+        _report(methods, [b for r in runs for b in r["budget"]], fronts, sum(r.get("elapsed", 0) for r in runs))
+        if args.plot and fronts["fair"]:
+            _plot(args.plot, fronts, methods)
         return
 
     import torch
@@ -217,7 +276,7 @@ def main() -> None:
     fronts: dict[str, dict] = {"fair": {}, "moments": {}, "cdf": {}}
     sweep_seeds = 0 if args.no_sweep else min(args.seeds, args.sweep_seeds or args.seeds)
     started = time.perf_counter()
-    for seed in range(args.seeds):
+    for seed in range(args.seed_from, args.seeds):
         data = law.split(raw, y, race, seed)
         model = law.export(torch, law.trained(torch, data, seed, args.cache), data.X[:4])
         test = data.test
@@ -264,58 +323,20 @@ def main() -> None:
         btxt = (f"budget {b['setting']} (holdout KS {b['holdout_ks']:.3f})" if b["met"]
                 else f"budget not met (closest {b['closest']}, holdout KS {b['holdout_ks']:.3f})")
         line = "  ".join(f"{name.split(' (')[0].replace('ESVD + ', '')} {v[-1][0]:.4f}/{v[-1][1]:.3f}"
-                         for name, v in methods.items() if len(v) > seed and v[-1] is not None)
+                         for name, v in methods.items() if len(v) == seed + 1 - args.seed_from and v[-1] is not None)
         print(f"seed {seed}: {line}  {btxt}  [{time.perf_counter() - started:.0f}s]", flush=True)
         if args.max_minutes is not None and time.perf_counter() - started > 60 * args.max_minutes and \
                 seed + 1 < args.seeds:
             print(f"--max-minutes {args.max_minutes:g} reached: stopping after {seed + 1} of {args.seeds} seeds")
             break
 
-    n = len(methods[NO_REPAIR])
     elapsed = time.perf_counter() - started
-    print()
-    print(f"Law School (black vs white), paper MLP, legacy export, repair fitted on the training rows, "
-          f"test split, mean ± std over {n} seeds ({datetime.date.today().isoformat()}, run time {elapsed:.0f}s):")
-    print(f"{'method':72s}  {'MSE':>15s}  {'KS':>13s}")
-    for name, values in methods.items():
-        got = [v for v in values if v is not None]
-        label = (f"{name} [{len(got)}/{n} seeds met it]" if name == BUDGET
-                 else f"{name} [{len(got)} seeds]" if len(got) != n else name)
-        print(f"{label:72s}  {_summary(got) if got else 'no seed met the budget'}")
-    for name, (mse, ks) in PAPER.items():
-        print(f"{name:72s}  {mse:.3f}            {ks:.3f}")
-    print()
-    print(f"tune_layers=all retrains every linear node (fine-tuning): the repaired model no longer tracks the")
-    print(f"original one example by example, unlike the other rows, which change one node and refit the final one.")
-    met = [(b, v) for b, v in zip(budget_info, methods[BUDGET]) if b["met"]]
-    print()
-    print(f"budget max_ks={MAX_KS} (holdout 0.2 of the training rows ranks the settings): met on the holdout for "
-          f"{len(met)} of {n} seeds")
-    for b, v in zip(budget_info, methods[BUDGET]):
-        if b["met"]:
-            print(f"  seed {b['seed']}: {b['setting']:16s} holdout KS {b['holdout_ks']:.3f}  test MSE {v[0]:.4f}  "
-                  f"test KS {v[1]:.3f}  {'meets' if v[1] <= BAR_KS and v[0] <= BAR_MSE else 'misses'} "
-                  f"issue 12's bar (test KS <= {BAR_KS}, MSE <= {BAR_MSE})")
-        else:
-            print(f"  seed {b['seed']}: no setting met the budget on the holdout (closest: {b['closest']}, "
-                  f"holdout KS {b['holdout_ks']:.3f})")
-    if fronts["fair"]:
-        m = len(next(iter(fronts["fair"].values())))
-        print()
-        print(f"fronts, mean test MSE / KS over {m} seeds (c1 = 15, c2 = 150 for moments and cdf):")
-        print("fair, c1 \\ c2 " + "".join(f"{c2:>17d}" for c2 in C2_GRID))
-        for c1 in C1_GRID:
-            cells = "".join("   {:.4f} / {:.3f}".format(*np.mean(fronts["fair"][(c1, c2)], axis=0)) for c2 in C2_GRID)
-            print(f"{c1:>13d} {cells}")
-        print("moments var_gap " + "".join("   {:>4g}: {:.4f} / {:.3f}".format(g, *np.mean(fronts["moments"][g], axis=0))
-                                           for g in VAR_GAPS))
-        print("cdf lam         " + "".join("   {:>4g}: {:.4f} / {:.3f}".format(g, *np.mean(fronts["cdf"][g], axis=0))
-                                           for g in LAMS))
+    _report(methods, budget_info, fronts, elapsed)
     if args.plot and fronts["fair"]:
         _plot(args.plot, fronts, methods)
     if args.json:
         args.json.write_text(json.dumps({
-            "seeds": n, "methods": methods, "budget": budget_info,
+            "seeds": len(methods[NO_REPAIR]), "elapsed": elapsed, "methods": methods, "budget": budget_info,
             "fronts": {"fair": {f"{c1},{c2}": v for (c1, c2), v in fronts["fair"].items()},
                        "moments": {f"{k:g}": v for k, v in fronts["moments"].items()},
                        "cdf": {f"{k:g}": v for k, v in fronts["cdf"].items()}}}, indent=1))
