@@ -198,7 +198,7 @@ def _report(methods: dict, budget_info: list, fronts: dict, elapsed: float) -> N
         got = [v for v in values if v is not None]
         label = (f"{name} [{len(got)}/{n} seeds met it]" if name == BUDGET
                  else f"{name} [{len(got)} seeds]" if len(got) != n else name)
-        print(f"{label:72s}  {_summary(got) if got else 'no seed met the budget'}")
+        print(f"{label:72s}  {_summary(got) if got else 'no seed met the budget' if name == BUDGET else 'not run'}")
     for name, (mse, ks) in PAPER.items():
         print(f"{name:72s}  {mse:.3f}            {ks:.3f}")
     print()
@@ -327,7 +327,8 @@ def main() -> None:
         print(f"seed {seed}: {line}  {btxt}  [{time.perf_counter() - started:.0f}s]", flush=True)
         if args.max_minutes is not None and time.perf_counter() - started > 60 * args.max_minutes and \
                 seed + 1 < args.seeds:
-            print(f"--max-minutes {args.max_minutes:g} reached: stopping after {seed + 1} of {args.seeds} seeds")
+            print(f"--max-minutes {args.max_minutes:g} reached: stopping after {seed + 1 - args.seed_from} of "
+                  f"{args.seeds - args.seed_from} seeds")
             break
 
     elapsed = time.perf_counter() - started
