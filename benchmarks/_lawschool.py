@@ -49,6 +49,32 @@ def load(source: Path = DEFAULT_SOURCE):
     return raw, y, race
 
 
+#: The five values of the raw `race1` column (rows with an empty value are dropped).
+RACES = ("white", "black", "hisp", "asian", "other")
+
+
+def load_all_races(source: Path = DEFAULT_SOURCE):
+    """Every row whose `race1` is one of RACES, with the fixture loader's five features and target.
+
+    Returns (raw [n, 5] float64, y [n] float64, race [n] str, dropped rows).
+    """
+    import csv
+
+    with open(source, newline="", encoding="utf-8") as f:
+        every = list(csv.DictReader(f))
+    rows = [r for r in every if r["race1"] in RACES]
+    gender = [r["gender"] for r in rows]
+    raw = np.empty((len(rows), 5), dtype=np.float64)
+    raw[:, 0] = [float(r["dnn_bar_pass_prediction"]) for r in rows]
+    raw[:, 1] = [1.0 if gd == "female" else 0.0 for gd in gender]
+    raw[:, 2] = [1.0 if gd == "male" else 0.0 for gd in gender]
+    raw[:, 3] = [float(r["lsat"]) for r in rows]
+    raw[:, 4] = [float(r["pass_bar"]) for r in rows]
+    y = np.array([float(r["ugpa"]) for r in rows], dtype=np.float64)
+    race = np.array([r["race1"] for r in rows], dtype="<U5")
+    return raw, y, race, len(every) - len(rows)
+
+
 def split(raw: np.ndarray, y: np.ndarray, race: np.ndarray, seed: int) -> Split:
     perm = np.random.default_rng(seed).permutation(len(y))
     n_tr, n_va = int(0.70 * len(y)), int(0.15 * len(y))
@@ -98,6 +124,24 @@ def export(torch, net, sample: np.ndarray, dynamo: bool = False) -> onnx.ModelPr
         torch.onnx.export(net, (x,), buf, dynamo=False, opset_version=17, input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
         return onnx.load_from_string(buf.getvalue())
+
+
+def trained(torch, data: Split, seed: int, cache: Path | None = None, tag: str = "bw"):
+    """The paper MLP for `seed` trained on `data`'s training rows (`train`).
+
+    With `cache`, the weights are kept there as `{tag}_seed{seed}.pt` and read back on the next call, so
+    several benchmarks share one training run per seed (`tag` names the data the split was drawn from).
+    """
+    path = cache / f"{tag}_seed{seed}.pt" if cache else None
+    if path is not None and path.exists():
+        net = torch_mlp(torch, seed)
+        net.load_state_dict(torch.load(path))
+        return net.eval()
+    net = train(torch, data, seed)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), path)
+    return net
 
 
 def predict(model: onnx.ModelProto, X: np.ndarray) -> np.ndarray:
