@@ -8,6 +8,7 @@ of the chosen layers' inputs, and keeps the model output of the report rows for 
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -370,6 +371,8 @@ class RowReader:
 
         self._spill_settings = current_settings()
         self._spill = None
+        self._spills: list = []  # every spill file made; all closed when the reader goes away
+        weakref.finalize(self, _close_all, self._spills)
 
     # the label table lives in the shared GroupIndex
     @property
@@ -462,7 +465,9 @@ class RowReader:
             self._spill.close()
         if not (self._spill_settings.enabled and isinstance(self.table, CsvTable)):
             return None
-        return SpillFile(len(self.numeric), self._later_text, self._spill_settings)
+        spill = SpillFile(len(self.numeric), self._later_text, self._spill_settings)
+        self._spills[:] = [spill]
+        return spill
 
     def _from_spill(self, spill, select: str, holdout: float) -> Iterator[Rows]:
         """A later pass read back from the spill file: the rows of `select`, in file order."""
@@ -551,6 +556,11 @@ class RowReader:
             return np.arange(len(self.wanted))
         order = self.group_labels()
         return np.array([order.index(lab) for lab in self.labels], dtype=np.int64)
+
+
+def _close_all(spills: list) -> None:
+    for spill in spills:
+        spill.close()
 
 
 def _sort_key(label: str) -> tuple:

@@ -114,7 +114,8 @@ class SpillFile:
             with self._lock:
                 self._file.seek(record.offset)
                 for part in parts:
-                    self._file.write(memoryview(part).cast("B"))
+                    if part.size:
+                        self._file.write(memoryview(part.reshape(-1)).cast("B"))
         except OSError:  # disk full or the like: re-parse instead
             self.close()
             return False
