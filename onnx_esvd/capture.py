@@ -406,7 +406,9 @@ class RowReader:
 
         The first pass reads the group column and remembers every row's label code (one byte a row).
         Later passes take the codes from there and read only the rows they need: `select` "fit"
-        (u >= holdout), "report" (u < holdout, or every row with holdout 0) or "all".
+        (u >= holdout), "report" (u < holdout, or every row with holdout 0) or "all". From a CSV, pass 1
+        also writes the rows it kept to a spill file (onnx_esvd.spill) that later passes read instead of
+        the text; an unfinished or interrupted pass frees it, and later passes then parse again.
         """
         spill = self._spill
         if not first_pass and spill is not None and spill.complete:

@@ -163,8 +163,8 @@ def pipelined(items: Iterable[T], work: Callable[[T], R]) -> Iterator[tuple[T, R
             if pending is not None:
                 yield pending[0], pending[1].result()
         finally:
-            if upcoming is not None:  # stopped early: let the read in progress finish before closing
-                upcoming.cancel() or _wait_quietly(upcoming)
+            if upcoming is not None and not upcoming.cancel():  # stopped early: let the read in progress end
+                _wait_quietly(upcoming)
             close = getattr(it, "close", None)
             if close is not None:
                 close()
