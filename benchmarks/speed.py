@@ -14,7 +14,8 @@ Generates seeded synthetic data and models under a temporary directory, then mea
 3. memory: peak RSS of `repair` streaming a 10,000,000-row CSV against a 100,000-row one;
 4. start-up: `onnx-esvd --help`.
 
-    python benchmarks/speed.py [--rows 1000000] [--memory-rows 10000000] [--repeat 3] [--json speed.json]
+    python benchmarks/speed.py [--rows 1000000] [--small-rows 300000] [--memory-rows 10000000] [--repeat 3]
+        [--only overhead,wide,memory,startup] [--json speed.json]
 
 Times are wall-clock seconds on this machine; compare the ratios, which are measured in one run.
 """
@@ -262,9 +263,12 @@ def main() -> None:
     ap.add_argument("--memory-rows", type=int, default=10_000_000)
     ap.add_argument("--repeat", type=int, default=3, help="runs of each comparison (median reported)")
     ap.add_argument("--skip-memory", action="store_true", help="leave out the (long) memory test")
+    ap.add_argument("--only", default="overhead,wide,memory,startup",
+                    help="comma-separated parts to run: overhead, wide, memory, startup")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--keep", type=Path, default=None, help="generate into this directory and keep it")
     args = ap.parse_args()
+    parts = set(args.only.split(",")) - ({"memory"} if args.skip_memory else set())
     work = args.keep or Path(tempfile.mkdtemp(prefix="onnx-esvd-speed-"))
     work.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
@@ -281,14 +285,14 @@ def main() -> None:
         onnx.save(make_mlp([FEATURES, 256, 256, 256, 1], seed=0), str(work / "mlp256.onnx"))
         onnx.save(make_mlp([FEATURES, 64, 64, 1], seed=1), str(work / "mlp64.onnx"))
         sets = []
-        for rows in (args.small_rows, args.rows):
+        for rows in ((args.small_rows, args.rows) if "overhead" in parts else ()):
             write_csv(work / f"rows{rows}.csv", rows, seed=0)
             sets.append(("CSV", rows, work / f"rows{rows}.csv", [f"x{j}" for j in range(FEATURES)], 2.5))
-        write_npz(work / "rows.npz", args.rows, seed=0)
-        sets.append(("NPZ", args.rows, work / "rows.npz", [f"x_{j}" for j in range(FEATURES)], 3.0))
-
-        print("1. pipeline overhead (repair vs one plain inference pass)", flush=True)
-        for loaded in (False, True):
+        if "overhead" in parts:
+            write_npz(work / "rows.npz", args.rows, seed=0)
+            sets.append(("NPZ", args.rows, work / "rows.npz", [f"x_{j}" for j in range(FEATURES)], 3.0))
+            print("1. pipeline overhead (repair vs one plain inference pass)", flush=True)
+        for loaded in ((False, True) if sets else ()):
             for label, rows, data, feats, limit in sets:
                 if loaded:
                     with Load():
@@ -301,14 +305,15 @@ def main() -> None:
                        f"ratios {', '.join(f'{r:.2f}' for r in ratios)}")
                 loads.append(load_average())
 
-        print("2. 1024-wide layer: whole CLI repair vs plain float64 numpy layer math", flush=True)
-        cli_s, plain_s, err_w, err_c = wide_target(work, 8192, args.repeat)
-        record("CLI repair / numpy math, d = 1024", cli_s / plain_s, 1.0, "x",
-               f"CLI {cli_s:.2f}s, numpy {plain_s:.2f}s, 8,192 rows, BLAS 1 thread")
-        record("weights vs exact float64, d = 1024", max(err_w, err_c), 1e-9, "rel",
-               f"layer {err_w:.1e}, final node {err_c:.1e} (max abs error / max abs weight)")
+        if "wide" in parts:
+            print("2. 1024-wide layer: whole CLI repair vs plain float64 numpy layer math", flush=True)
+            cli_s, plain_s, err_w, err_c = wide_target(work, 8192, args.repeat)
+            record("CLI repair / numpy math, d = 1024", cli_s / plain_s, 1.0, "x",
+                   f"CLI {cli_s:.2f}s, numpy {plain_s:.2f}s, 8,192 rows, BLAS 1 thread")
+            record("weights vs exact float64, d = 1024", max(err_w, err_c), 1e-9, "rel",
+                   f"layer {err_w:.1e}, final node {err_c:.1e} (max abs error / max abs weight)")
 
-        if not args.skip_memory:
+        if "memory" in parts:
             print("3. memory flat in rows (peak RSS of repair)", flush=True)
             small_csv, large_csv = work / "small.csv", work / "large.csv"
             write_csv(small_csv, 100_000, seed=5)
@@ -321,11 +326,13 @@ def main() -> None:
                    f"{rss_large / 2**20:.0f} MiB vs {rss_small / 2**20:.0f} MiB, MLP 32-64-64-1, {seconds_large:.0f}s")
             record(f"peak RSS at {rows_large:,} rows", rss_large / 2**20, 1024, "MiB", "repair, CSV")
 
-        print("4. start-up", flush=True)
-        script = Path(sys.executable).parent / "onnx-esvd"
-        help_s, _ = timed([str(script) if script.exists() else shutil.which("onnx-esvd") or "onnx-esvd", "--help"])
-        python_s, _ = timed([sys.executable, "-c", "pass"])
-        record("onnx-esvd --help", help_s, 0.5, "s", f"bare python start-up {python_s:.2f}s")
+        if "startup" in parts:
+            print("4. start-up", flush=True)
+            script = Path(sys.executable).parent / "onnx-esvd"
+            help_s, _ = timed([str(script) if script.exists() else shutil.which("onnx-esvd") or "onnx-esvd",
+                               "--help"])
+            python_s, _ = timed([sys.executable, "-c", "pass"])
+            record("onnx-esvd --help", help_s, 0.5, "s", f"bare python start-up {python_s:.2f}s")
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
