@@ -524,6 +524,7 @@ class RowReader:
                 else:
                     full[where] = code
             self._full = full
+            self._row_codes = [(0, full)]  # one byte a row, not two
         return self._full
 
     def _selector(self, select: str, holdout: float):
