@@ -467,7 +467,10 @@ class RowReader:
             self._spill.close()
         if not (self._spill_settings.enabled and isinstance(self.table, CsvTable)):
             return None
-        spill = SpillFile(len(self.numeric), self._later_text, self._spill_settings)
+        try:
+            spill = SpillFile(len(self.numeric), self._later_text, self._spill_settings)
+        except OSError:  # no temporary file to be had (full or read-only disk): parse in every pass
+            return None
         self._spills[:] = [spill]
         return spill
 

@@ -297,3 +297,15 @@ def test_dependent_constraints_fall_back_to_least_squares():
     e = np.ones((4, 2))  # two identical constraints: a singular Schur complement
     got = _constrained(lhs, szt, e, 1e-3)
     assert np.all(np.isfinite(got)) and np.allclose(e.T @ got, 0.0, atol=1e-12)
+
+
+def test_no_temporary_file_means_parsing_in_every_pass(csv_case, monkeypatch):
+    model, data = csv_case
+    want = _run(model, data)
+
+    def refuse(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spill_mod.tempfile, "TemporaryFile", refuse)
+    got = _run(model, data)
+    assert all(np.array_equal(a, b) for a, b in zip(_weights(want), _weights(got)))
