@@ -43,6 +43,18 @@ GroupsOpt = Annotated[Optional[str], typer.Option(
 TargetOpt = Annotated[Optional[str], typer.Option(
     "--target", help="Label column: enables MSE/MAE and the label-based refit.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", max=2**31 - 1, help="Rows per onnxruntime run.")]
+SpillDirOpt = Annotated[Optional[Path], typer.Option("--spill-dir", help="Directory of the temporary spill file that "
+                                                     "spares later passes re-parsing a CSV (default: the system's "
+                                                     "temporary directory; at most 4 GiB, then it re-parses).")]
+NoSpillOpt = Annotated[bool, typer.Option("--no-spill", help="Re-parse the CSV in every pass instead of spilling "
+                                                             "parsed rows to a temporary file.")]
+
+
+def _spill(directory: Optional[Path], off: bool):
+    """The spill settings of a command (imported late: `--help` loads no numeric package)."""
+    from onnx_esvd.spill import spill_options
+
+    return spill_options(enabled=not off, directory=directory)
 
 
 def _layer_text(value: Optional[str]) -> Optional[str]:
@@ -184,6 +196,8 @@ def repair(
     holdout: HoldoutOpt = None,
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 4096,
+    spill_dir: SpillDirOpt = None,
+    no_spill: NoSpillOpt = False,
     output: Annotated[Optional[str], typer.Option("-o", "--output", help="Output file (default: MODEL stem + "
                                                                           ".esvd.onnx next to MODEL).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
@@ -199,7 +213,7 @@ def repair(
     debug: DebugOpt = False,
 ) -> None:
     """Patch one linear layer with the explainable-SVD correction, refit the final node, write a new model."""
-    with handled(debug):
+    with handled(debug), _spill(spill_dir, no_spill):
         from onnx_esvd import default_output_path
         from onnx_esvd import repair as run_repair
         from onnx_esvd._json import dumps
@@ -295,13 +309,15 @@ def sweep(
     holdout: HoldoutOpt = None,
     seed: SeedOpt = 0,
     batch_size: BatchOpt = 4096,
+    spill_dir: SpillDirOpt = None,
+    no_spill: NoSpillOpt = False,
     plot: PlotOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Fit every c1 x c2 x refit setting from one capture and measure each on the holdout rows."""
-    with handled(debug):
+    with handled(debug), _spill(spill_dir, no_spill):
         from onnx_esvd import OptionError
         from onnx_esvd import sweep as run_sweep
         from onnx_esvd._json import dumps
@@ -382,12 +398,14 @@ def audit(
     weights: WeightsOpt = "size",
     bootstrap: BootstrapOpt = 200,
     batch_size: BatchOpt = 4096,
+    spill_dir: SpillDirOpt = None,
+    no_spill: NoSpillOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Where the disparity lives: output metrics and, per layer, the moment gaps and their SVD bounds."""
-    with handled(debug):
+    with handled(debug), _spill(spill_dir, no_spill):
         from onnx_esvd import audit as run_audit
         from onnx_esvd._json import dumps
 
@@ -434,12 +452,14 @@ def check(
     junit: Annotated[Optional[str], typer.Option("--junit", metavar="PATH", help="Also write a JUnit XML "
                                                                                   "report there.")] = None,
     batch_size: BatchOpt = 4096,
+    spill_dir: SpillDirOpt = None,
+    no_spill: NoSpillOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Fairness gate for CI: exit 0 when every threshold holds, 1 when one is exceeded, 2 on bad input."""
-    with handled(debug):
+    with handled(debug), _spill(spill_dir, no_spill):
         import time
 
         from onnx_esvd import check as run_check

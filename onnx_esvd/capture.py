@@ -8,6 +8,7 @@ of the chosen layers' inputs, and keeps the model output of the report rows for 
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -363,6 +364,15 @@ class RowReader:
         self.dropped = 0
         self._row_codes: list[tuple[Any, np.ndarray]] = []  # (first row index or row indices, codes) per batch
         self._full: np.ndarray | None = None
+        # text columns later passes need (string model inputs): the group codes are kept from pass 1
+        self._later_text = [c for c in self.text if c not in spec.group_columns
+                            or any(c in inp.columns for inp in inputs)]
+        from .spill import current_settings
+
+        self._spill_settings = current_settings()
+        self._spill = None
+        self._spills: list = []  # every spill file made; all closed when the reader goes away
+        weakref.finalize(self, _close_all, self._spills)
 
     # the label table lives in the shared GroupIndex
     @property
@@ -396,12 +406,32 @@ class RowReader:
 
         The first pass reads the group column and remembers every row's label code (one byte a row).
         Later passes take the codes from there and read only the rows they need: `select` "fit"
-        (u >= holdout), "report" (u < holdout, or every row with holdout 0) or "all".
+        (u >= holdout), "report" (u < holdout, or every row with holdout 0) or "all". From a CSV, pass 1
+        also writes the rows it kept to a spill file (onnx_esvd.spill) that later passes read instead of
+        the text; an unfinished or interrupted pass frees it, and later passes then parse again.
         """
+        spill = self._spill
+        if not first_pass and spill is not None and spill.complete:
+            try:
+                yield from self._from_spill(spill, select, holdout)
+            except BaseException:  # an error or Ctrl-C stopped the pass: free the disk now
+                self.close()
+                raise
+            return
         keep = None if first_pass else self._selector(select, holdout)
-        text = self.text if first_pass else [c for c in self.text if c not in self.spec.group_columns
-                                              or any(c in inp.columns for inp in self.inputs)]
+        text = self.text if first_pass else self._later_text
         missing = "skip" if self.spec.dropna else "error"
+        if first_pass:
+            self._row_codes, self._full, self.total, self.skipped, self.dropped = [], None, 0, 0, 0
+            spill = self._spill = self._new_spill()
+        try:
+            yield from self._parsed(first_pass, spill, keep, text, missing)
+        except BaseException:
+            if first_pass and spill is not None:  # an unfinished pass 1: its spill cannot replace the source
+                self.close()
+            raise
+
+    def _parsed(self, first_pass: bool, spill, keep, text: list[str], missing: str) -> Iterator[Rows]:
         for batch in _table_batches(self.table, self.numeric, text, self.batch_size, keep, missing):
             index = batch.row_index()
             if first_pass:
@@ -420,20 +450,64 @@ class RowReader:
             sel = None if mask.all() else mask
             values = batch.values if sel is None else batch.values[sel]
             index, code = index[mask], code[mask]
-            feeds, j = {}, 0
-            where = self.table.name
-            for inp in self.inputs:
-                if inp.is_text:
-                    cols = [batch.text[c] if sel is None else batch.text[c][sel] for c in inp.columns]
-                    arr = np.stack([np.asarray(c, dtype=object) for c in cols], axis=1)
-                    feeds[inp.name] = arr.reshape((len(code), *inp.shape))
+            texts = {c: (batch.text[c] if sel is None else batch.text[c][sel]) for c in self._later_text}
+            rows = self._rows(values, texts, code, index)
+            if spill is not None and spill.open and not spill.append(values, index, code.astype(np.int8), texts):
+                spill = self._spill = None  # past the cap or out of disk: later passes re-parse
+            yield rows
+        if first_pass and spill is not None:
+            spill.finish()
+
+    def _new_spill(self):
+        """A spill file for pass 1's rows, when the source is text that is costly to parse again."""
+        from .sources.csv import CsvTable
+        from .spill import SpillFile
+
+        if self._spill is not None:
+            self._spill.close()
+        if not (self._spill_settings.enabled and isinstance(self.table, CsvTable)):
+            return None
+        try:
+            spill = SpillFile(len(self.numeric), self._later_text, self._spill_settings)
+        except OSError:  # no temporary file to be had (full or read-only disk): parse in every pass
+            return None
+        self._spills[:] = [spill]
+        return spill
+
+    def _from_spill(self, spill, select: str, holdout: float) -> Iterator[Rows]:
+        """A later pass read back from the spill file: the rows of `select`, in file order."""
+        for values, index, code, text in spill.batches():
+            if not (select == "all" or (select == "report" and holdout <= 0)):
+                u = row_uniform_at(self.seed, index)
+                mask = u >= holdout if select == "fit" else u < holdout
+                if not mask.any():
                     continue
-                block = values[:, j:j + len(inp.columns)]
-                input_fits(block, inp.dtype, inp.columns, self.table.name, inp.name)
-                j += len(inp.columns)
-                feeds[inp.name] = feed_block(block, inp, None, where)
-            target = values[:, j] if self.spec.target else None
-            yield Rows(feeds, code, target, row_uniform_at(self.seed, index))
+                if not mask.all():
+                    values, index, code = values[mask], index[mask], code[mask]
+                    text = {c: t[mask] for c, t in text.items()}
+            yield self._rows(values, text, code.astype(np.int64), index)
+
+    def _rows(self, values: np.ndarray, text: dict[str, np.ndarray], code: np.ndarray, index: np.ndarray) -> Rows:
+        """Feeds of the rows `values: [n, c] float64` (numeric columns), `text: {column: [n] str}`."""
+        feeds, j = {}, 0
+        where = self.table.name
+        for inp in self.inputs:
+            if inp.is_text:
+                arr = np.stack([np.asarray(text[c], dtype=object) for c in inp.columns], axis=1)
+                feeds[inp.name] = arr.reshape((len(code), *inp.shape))
+                continue
+            block = values[:, j:j + len(inp.columns)]
+            input_fits(block, inp.dtype, inp.columns, where, inp.name)
+            j += len(inp.columns)
+            feeds[inp.name] = feed_block(block, inp, None, where)
+        target = values[:, j] if self.spec.target else None
+        return Rows(feeds, code, target, row_uniform_at(self.seed, index))
+
+    def close(self) -> None:
+        """Free the spill file now (it is freed anyway when the reader is garbage-collected)."""
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
 
     @property
     def row_codes(self) -> np.ndarray:
@@ -453,6 +527,7 @@ class RowReader:
                 else:
                     full[where] = code
             self._full = full
+            self._row_codes = [(0, full)]  # one byte a row, not two
         return self._full
 
     def _selector(self, select: str, holdout: float):
@@ -487,6 +562,11 @@ class RowReader:
             return np.arange(len(self.wanted))
         order = self.group_labels()
         return np.array([order.index(lab) for lab in self.labels], dtype=np.int64)
+
+
+def _close_all(spills: list) -> None:
+    for spill in spills:
+        spill.close()
 
 
 def _sort_key(label: str) -> tuple:

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import scipy.linalg
-import scipy.optimize
 
 from .errors import OptionError
 from .stats import GroupStats, GroupWeights
@@ -99,8 +97,54 @@ def solve_multiplier(phi: Callable[[float], float], target: float, scale: float)
         f_lo = f(lo)
     if f_hi == 0.0:
         return float(np.exp(hi))
-    t = scipy.optimize.brentq(f, lo, hi, xtol=1e-15, rtol=4 * np.finfo(float).eps, maxiter=500)
+    t = brent_root(f, lo, hi, xtol=1e-15, rtol=4 * np.finfo(float).eps, maxiter=500)
     return float(np.exp(t))
+
+
+def brent_root(f: Callable[[float], float], a: float, b: float, *, xtol: float, rtol: float,
+               maxiter: int = 500) -> float:
+    """A root of `f` in the bracket [a, b] (f(a), f(b) of opposite signs) by Brent's method.
+
+    The same iteration as scipy.optimize.brentq (inverse quadratic interpolation, secant or bisection),
+    step for step, so results match it to the last bit; kept here so that `repair` never imports scipy.
+    """
+    xpre, xcur = float(a), float(b)
+    xblk = fblk = spre = scur = 0.0
+    fpre, fcur = float(f(xpre)), float(f(xcur))
+    if fpre == 0.0:
+        return xpre
+    if fcur == 0.0:
+        return xcur
+    if np.signbit(fpre) == np.signbit(fcur):
+        raise ValueError("brent_root: f(a) and f(b) must have opposite signs")
+    for _ in range(maxiter):
+        if fpre != 0.0 and fcur != 0.0 and np.signbit(fpre) != np.signbit(fcur):
+            xblk, fblk = xpre, fpre
+            spre = scur = xcur - xpre
+        if abs(fblk) < abs(fcur):
+            xpre, xcur, xblk = xcur, xblk, xcur
+            fpre, fcur, fblk = fcur, fblk, fcur
+        delta = (xtol + rtol * abs(xcur)) / 2
+        sbis = (xblk - xcur) / 2
+        if fcur == 0.0 or abs(sbis) < delta:
+            return xcur
+        if abs(spre) > delta and abs(fcur) < abs(fpre):
+            if xpre == xblk:  # interpolate
+                stry = -fcur * (xcur - xpre) / (fcur - fpre)
+            else:  # extrapolate
+                dpre = (fpre - fcur) / (xpre - xcur)
+                dblk = (fblk - fcur) / (xblk - xcur)
+                stry = -fcur * (fblk * dblk - fpre * dpre) / (dblk * dpre * (fblk - fpre))
+            if 2 * abs(stry) < min(abs(spre), 3 * abs(sbis) - delta):  # a good short step
+                spre, scur = scur, stry
+            else:
+                spre = scur = sbis
+        else:
+            spre = scur = sbis
+        xpre, fpre = xcur, fcur
+        xcur += scur if abs(scur) > delta else (delta if sbis > 0 else -delta)
+        fcur = float(f(xcur))
+    raise FloatingPointError(f"brent_root did not converge in {maxiter} iterations")
 
 
 def cubic_shrink(sigma: np.ndarray, k: np.ndarray, lam: float) -> np.ndarray:
@@ -235,7 +279,7 @@ def mean_gap_factor(delta: np.ndarray, eps: float) -> np.ndarray:
     m = np.outer(delta, delta) if delta.ndim == 1 else delta.T @ delta
     m[np.diag_indices(d)] += eps
     try:
-        return scipy.linalg.cholesky(m, lower=True, check_finite=False)
+        return np.linalg.cholesky(m)
     except np.linalg.LinAlgError:
         raise OptionError(f"--eps {eps:g} is too small for this layer: delta delta^T + eps I is not positive "
                           "definite in float64; use a larger --eps (default 1e-5)") from None
@@ -263,7 +307,7 @@ def first_moment_step(weight: np.ndarray, stats: GroupStats, c1: float, eps: flo
     if not np.any(sigma > 0):
         return weight.copy(), _skipped(c1, 2, sigma, s.shape[0])
     # B = V^T S^{-1}: solve S^T B^T = V with S lower triangular.
-    b = scipy.linalg.solve_triangular(s, vt.T, lower=True, trans="T", check_finite=False).T
+    b = np.linalg.solve(s.T, vt.T).T  # LU of an upper-triangular matrix: no pivoting, back-substitution
     k = np.maximum(_row_quadratic(b, stats.gram), 0.0)
     before = float(np.sum(sigma**2))
     target = before / c1

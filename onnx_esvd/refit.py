@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 import numpy as np
-import scipy.linalg
 
 from .stats import Moments
 
@@ -132,21 +131,59 @@ def solve(groups: Sequence[Moments], p: int, *, mode: RefitMode, alpha: float, f
     m = szt.shape[1]
     lhs = szz + alpha * n * np.eye(p)
     if mode == "fair":
-        e = parity_constraints(groups, p, ref)
-        q = e.shape[1]
-        kkt = np.zeros((p + q, p + q))
-        kkt[:p, :p] = lhs
-        kkt[:p, p:] = e
-        kkt[p:, :p] = e.T
-        rhs = np.vstack([szt, np.zeros((q, m))])
-        sol = scipy.linalg.lstsq(kkt, rhs, check_finite=False, lapack_driver="gelsd")[0]
-        beta = sol[:p]
+        beta = _constrained(lhs, szt, parity_constraints(groups, p, ref), alpha)
     elif mode == "plain":
-        beta = scipy.linalg.lstsq(lhs, szt, check_finite=False, lapack_driver="gelsd")[0]
+        beta = _spd_solve(lhs, szt) if alpha > 0 else None
+        if beta is None:
+            beta = _lstsq(lhs, szt)
     else:
         raise ValueError(f"unknown refit mode {mode!r}")
     intercept = (pooled.mean[p:] - pooled.mean[:p] @ beta) if fit_intercept else None
     return RefitSolution(coef=beta.T.copy(), intercept=intercept)
+
+
+def _lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Minimum-norm least squares (LAPACK gelsd, singular values below machine precision cut)."""
+    return np.linalg.lstsq(a, b, rcond=-1)[0]
+
+
+def _spd_solve(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """a^{-1} b for `a: [p, p]` symmetric positive definite (checked by Cholesky), else None."""
+    try:
+        np.linalg.cholesky(a)
+    except np.linalg.LinAlgError:
+        return None
+    return np.linalg.solve(a, b)
+
+
+#: Above this condition number the constraints' Schur complement is left to the least-squares solver.
+_SCHUR_COND = 1e10
+
+
+def _constrained(lhs: np.ndarray, szt: np.ndarray, e: np.ndarray, alpha: float) -> np.ndarray:
+    """beta: [p, m] of min b^T lhs b - 2 b^T szt s.t. e^T b = 0 (`lhs: [p, p]`, `szt: [p, m]`, `e: [p, q]`).
+
+    With a ridge (lhs positive definite): y = lhs^{-1} [szt, e], then the q x q Schur complement
+    e^T lhs^{-1} e for the multipliers. Without one, or with (near-)dependent constraints: the KKT
+    system by minimum-norm least squares.
+    """
+    p, q, m = lhs.shape[0], e.shape[1], szt.shape[1]
+    if alpha > 0:
+        y = _spd_solve(lhs, np.hstack([szt, e]))
+        if y is not None:
+            if q == 0:
+                return y[:, :m]
+            ab, ae = y[:, :m], y[:, m:]
+            schur = e.T @ ae
+            schur = 0.5 * (schur + schur.T)
+            if np.all(np.isfinite(schur)) and np.linalg.cond(schur) < _SCHUR_COND:
+                return ab - ae @ np.linalg.solve(schur, e.T @ ab)
+    kkt = np.zeros((p + q, p + q))
+    kkt[:p, :p] = lhs
+    kkt[:p, p:] = e
+    kkt[p:, :p] = e.T
+    rhs = np.vstack([szt, np.zeros((q, m))])
+    return _lstsq(kkt, rhs)[:p]
 
 
 def parity_gap(groups: Sequence[Moments], coef: np.ndarray) -> float:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
@@ -134,17 +136,75 @@ def _first_line(exc: BaseException) -> str:
 
 
 def pipelined(items: Iterable[T], work: Callable[[T], R]) -> Iterator[tuple[T, R]]:
-    """Yield `(item, work(item))` in order, running `work` on the next item in a worker thread while
-    the caller reduces the current one (onnxruntime and numpy's BLAS both release the GIL).
+    """Yield `(item, work(item))` in order, in three stages that overlap: the next item is produced
+    (parsed) in one worker thread while `work` (inference) runs on the current one in another and the
+    caller reduces the previous one (onnxruntime, numpy's BLAS and most of the parsing release the GIL).
 
-    At most one item is in flight, so memory stays at two batches.
+    At most two items are in flight besides the one being reduced, so memory stays at three batches.
+    BLAS runs on one thread throughout (`one_blas_thread`): its thread pool would otherwise fight
+    onnxruntime's on every small per-batch product. The items' iterator is closed on every exit.
     """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-esvd-run") as pool:
-        pending = None
-        for item in items:
-            future = pool.submit(work, item)
+    it = iter(items)
+    end = object()
+    with one_blas_thread(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-esvd-read") as read, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx-esvd-run") as run:
+        upcoming = None
+        try:
+            upcoming = read.submit(next, it, end)
+            pending = None
+            while True:
+                item = upcoming.result()
+                upcoming = None
+                if item is end:
+                    break
+                future = run.submit(work, item)
+                upcoming = read.submit(next, it, end)
+                if pending is not None:
+                    yield pending[0], pending[1].result()
+                pending = (item, future)
             if pending is not None:
                 yield pending[0], pending[1].result()
-            pending = (item, future)
-        if pending is not None:
-            yield pending[0], pending[1].result()
+        finally:
+            if upcoming is not None and not upcoming.cancel():  # stopped early: let the read in progress end
+                _wait_quietly(upcoming)
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+
+def _wait_quietly(future) -> None:
+    try:
+        future.result()
+    except BaseException:  # noqa: BLE001 - the first error is already on its way up
+        pass
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """BLAS (numpy's OpenBLAS or MKL, and any other loaded) limited to one thread inside, restored after.
+
+    The streaming passes multiply small per-batch blocks; a multi-threaded BLAS spends more on its
+    barriers than on the products there, and more still when other jobs share the cores. One thread
+    also keeps float64 reductions independent of the core count. Nested and interleaved uses share
+    one limit, lifted when the last one ends.
+    """
+    global _blas_users, _blas_limit
+    with _blas_lock:
+        if _blas_users == 0:
+            from threadpoolctl import threadpool_limits
+
+            _blas_limit = threadpool_limits(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0 and _blas_limit is not None:
+                _blas_limit.restore_original_limits()
+                _blas_limit = None
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limit = None
