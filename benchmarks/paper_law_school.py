@@ -55,7 +55,7 @@ PAPER = {
 
 NO_REPAIR = "no repair"
 PLAIN = "ESVD + plain LS (Algorithm 2)"
-FAIR = "ESVD + fair refit (default)"
+FAIR = "ESVD + fair refit"
 BUDGET = f"budget: repair_within_budget(max_ks={MAX_KS}, holdout=0.2)"
 CHZHEN = "Chzhen et al. barycenter (needs race at inference)"
 TUNE_ALL = "ESVD + cdf lam 1, tune_layers=all (fine-tuning)"
