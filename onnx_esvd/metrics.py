@@ -114,8 +114,9 @@ class _Scalar:
         v = np.asarray(values, dtype=np.float64).ravel()
         if v.size == 0:
             return
-        mean_b = float(v.mean())
-        m2_b = float(np.sum((v - mean_b) ** 2))
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite outputs are refused by the caller's guard
+            mean_b = float(v.mean())
+            m2_b = float(np.sum((v - mean_b) ** 2))
         n = self.n + v.size
         delta = mean_b - self.mean
         self.mean += delta * v.size / n
