@@ -260,11 +260,6 @@ class Rows:
     u: np.ndarray  # [n] seeded uniform per row
 
 
-def _table_batches(table: Table, numeric: list[str], text: list[str], batch_size: int, keep, missing: str):
-    """`table.batches` with text columns (the reader interface of onnx_esvd.data)."""
-    return table.batches(numeric, batch_size, text=text, keep=keep, missing=missing)
-
-
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -311,6 +306,11 @@ class GroupIndex:
         self.other_labels: set[str] = set()
         self.frozen = False  # an evaluation reader uses the calibration's groups only
 
+    def _other(self, label: str) -> None:
+        """Remember a label outside the compared groups (the first 20, for messages)."""
+        if len(self.other_labels) < 20:
+            self.other_labels.add(label)
+
     def codes(self, labels: np.ndarray) -> np.ndarray:
         """Codes of `labels: [n] str` (-1: not a compared group); new labels get the next code."""
         uniq, inverse = np.unique(labels, return_inverse=True)
@@ -322,19 +322,14 @@ class GroupIndex:
             if wanted is not None:
                 if lab in wanted[:len(wanted) - rest]:
                     codes[i] = wanted.index(lab)
-                elif rest:
-                    codes[i] = len(wanted) - 1
-                    self.other_labels.add(lab) if len(self.other_labels) < 20 else None
                 else:
-                    codes[i] = -1
-                    if len(self.other_labels) < 20:
-                        self.other_labels.add(lab)
+                    codes[i] = len(wanted) - 1 if rest else -1
+                    self._other(lab)
                 continue
             if lab not in self.code_of:
                 if self.frozen:
                     codes[i] = -1
-                    if len(self.other_labels) < 20:
-                        self.other_labels.add(lab)
+                    self._other(lab)
                     continue
                 if len(self.code_of) == MAX_GROUPS:
                     cols = ", ".join(f"'{c}'" for c in self.spec.group_columns)
@@ -432,7 +427,7 @@ class RowReader:
             raise
 
     def _parsed(self, first_pass: bool, spill, keep, text: list[str], missing: str) -> Iterator[Rows]:
-        for batch in _table_batches(self.table, self.numeric, text, self.batch_size, keep, missing):
+        for batch in self.table.batches(self.numeric, self.batch_size, text=text, keep=keep, missing=missing):
             index = batch.row_index()
             if first_pass:
                 self.dropped += batch.dropped

@@ -623,11 +623,8 @@ def test_default_refit_is_cdf_and_stable_across_batch_sizes():
     assert abs(a.after.ks - b.after.ks) <= 0.01
 
 
-def test_default_refit_falls_back_to_fair_for_a_final_node_with_several_outputs(tmp_path):
-    import sys
-
-    sys.path.insert(0, str(FIXTURES.parent / "tests"))
-    from test_score import classifier_model, data
+def test_default_refit_falls_back_to_fair_for_a_final_node_with_several_outputs():
+    from test_score import classifier_model, data  # tests/ is on sys.path (conftest)
 
     res = repair(classifier_model(), data(), layer=1, group="g", holdout=0.3, bootstrap=0)
     assert res.options.refit == "fair"
