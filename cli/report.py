@@ -243,6 +243,8 @@ def check_report(res: Any) -> str:
                      f"({', '.join(t.metric for t in failed)})")
     else:
         lines.append(f"PASS: all {len(res.thresholds)} thresholds hold")
+    for note in mz.warnings:
+        lines.append(f"warning: {note}")
     return "\n".join(lines)
 
 

@@ -231,7 +231,7 @@ def plan_inputs(model: onnx.ModelProto, table: Table, spec: DataSpec) -> list[In
                 raise DataError(f"{table.name}: model input '{name}' needs the column{'s' if width > 1 else ''} "
                                 f"{expected}; '{missing}' is missing")
             if cols is None:
-                cols = tuple(c for c in table.columns if c not in reserved)
+                cols = tuple(c for c in table.columns if c not in reserved and c not in table.index_columns)
                 by_position = True
                 if len(cols) != width:
                     raise DataError(f"{table.name}: model input '{name}' takes {width} features; no columns are "
@@ -244,6 +244,16 @@ def plan_inputs(model: onnx.ModelProto, table: Table, spec: DataSpec) -> list[In
                             "column")
         plans.append(InputPlan(name, cols, dtype, shape, by_position))
     return plans
+
+
+def reader_notes(name: str, reader: "RowReader") -> list[str]:
+    """What every report must say about how `reader` read the data called `name`: inputs fed by position (no
+    column named after them) and rows skipped for a missing value (--dropna)."""
+    notes = [f"{name}: no columns are named after model input '{inp.name}', so it was fed the columns in file order "
+             f"({', '.join(inp.columns)})" for inp in reader.by_position()]
+    if reader.dropped:
+        notes.append(f"{name}: {reader.dropped} rows with a missing value were skipped (--dropna)")
+    return notes
 
 
 def _listed(cols: Sequence[str], limit: int = 12) -> str:

@@ -28,7 +28,7 @@ from .guards import esvd_weight_fits, outputs_finite, stats_finite
 from .graph import (LinearLayer, find_layers, output_path_is_value_preserving,
                     read_weight, select_layer, with_outputs, write_bias, write_weight)
 from .capture import (DataSpec, OutputDrift, Progress, RowReader, Rows, as_rows, capture, capture_metrics,
-                      data_spec, group_stats, layer_rows, open_rows, output_drift, report_outputs)
+                      data_spec, group_stats, layer_rows, open_rows, output_drift, reader_notes, report_outputs)
 from .data import Table, open_table
 from .metrics import OutputMetrics
 from .modelio import LoadedModel, check_output_path, load_model, save_model
@@ -364,11 +364,7 @@ def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Dat
                          f"({others_seen}) and were not measured")
     readers = [(table.name, reader)] + ([(evaluate.name, report_reader)] if evaluate is not None else [])
     for name, r in readers:
-        for inp in r.by_position():
-            notes.append(f"{name}: no columns are named after model input '{inp.name}', so it was fed the columns "
-                         f"in file order ({', '.join(inp.columns)})")
-        if r.dropped:
-            notes.append(f"{name}: {r.dropped} rows with a missing value were skipped (--dropna)")
+        notes += reader_notes(name, r)
     if not cap.report.rows:
         where = evaluate.name if evaluate is not None else table.name
         raise DataError(f"{where}: no rows were left for the report; lower --holdout or add rows")

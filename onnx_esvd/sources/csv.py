@@ -85,7 +85,9 @@ class CsvTable(Table):
         if all(_is_number(h) for h in header):
             raise DataError(f"{path}: the first line holds numbers, not column names; add a header line")
         if any(not h for h in header):
-            raise DataError(f"{path}: column {header.index('') + 1} of the header has no name; name every column")
+            where = header.index("")
+            hint = (" (pandas' to_csv writes the row index there: save with index=False)" if where == 0 else "")
+            raise DataError(f"{path}: column {where + 1} of the header has no name{hint}; name every column")
         dupes = sorted({h for h in header if header.count(h) > 1})
         if dupes:
             raise DataError(f"{path}: column '{dupes[0]}' appears twice in the header; make column names unique")
@@ -286,7 +288,9 @@ class CsvTable(Table):
                         if _DECIMAL_COMMA.fullmatch(value):
                             raise DataError(f"{where} holds '{value}', a decimal comma; export the file with a decimal "
                                             "point (1.5, not 1,5)") from None
-                        raise DataError(f"{where} holds '{raw[r, k]}', not a number; clean or drop that row") from None
+                        hint = ("; write a yes/no column as 1 and 0" if value.lower() in ("true", "false")
+                                else "; clean or drop that row")
+                        raise DataError(f"{where} holds '{raw[r, k]}', not a number{hint}") from None
                 raise
         return out
 
