@@ -22,7 +22,7 @@ from .metrics import OutputMetrics
 from .modelio import load_model
 from .refits import RefitSpec
 from .pipeline import (RepairOptions, RepairResult, _apply_refit, _collect_refit, _patched, _prepare, _refit_note,
-                       repair, resolve_holdout)
+                       other_drifts, repair, resolve_holdout)
 
 #: The default grid of `sweep` and of `repair --max-ks` (the paper benchmark's grid).
 C1_GRID: tuple[float, ...] = (1, 5, 15, 50, 150)
@@ -194,6 +194,7 @@ def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequen
                     outputs = report_outputs(model_m, prep.report_reader, prep.report_holdout, progress, prep.score)
                     outputs_finite(outputs, "the repaired model", prep.score.output, repaired=True)
                     after: OutputMetrics | LayerError = capture_metrics(prep.cap, prep.reader, outputs, seed=seed)
+                    other_drifts(prep, model_m, progress, max_drift)  # as `repair` would refuse it
                 except LayerError as exc:
                     after = exc
                 points.append((a, b, setting, after))

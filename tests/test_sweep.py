@@ -707,3 +707,25 @@ def test_budget_never_chooses_a_failed_setting(tmp_path):
                                max_ks=1.0, **gemm_kwargs())
     assert res.winner is not None and res.winner.refit == "none" and res.result is not None
     assert res.runner_up is not None and res.runner_up.refit == "none"
+
+
+def test_sweep_marks_settings_that_repair_would_refuse_for_another_outputs_drift():
+    """A Keras two-head model's shared layer: `sweep` listed settings that moved the other head by half its spread,
+    which `repair` with the same setting refuses (--max-drift); the sweep must mark them failed the same way."""
+    from test_score import data as two_head_data, two_head_model
+
+    model, d = two_head_model(), two_head_data(n=3000)
+    kwargs = dict(layer="body", group="g", score="a_hat", target="y", holdout=0.3, refit=["fair"])
+    res = onnx_esvd.sweep(model, d, c1=(1, 15), c2=(1, 150), **kwargs)
+    for p in res.points:
+        try:
+            repair(model, d, c1=p.c1, c2=p.c2, bootstrap=0, **{**kwargs, "refit": "fair"})
+            refused = None
+        except onnx_esvd.LayerError as exc:
+            refused = str(exc)
+        assert (p.failed is None) == (refused is None), (p.c1, p.c2, p.failed, refused)
+        if refused:
+            assert "output 'b_hat' would change" in p.failed and p.metrics is None
+    assert any(p.failed for p in res.points) and any(p.metrics for p in res.points)
+    loose = onnx_esvd.sweep(model, d, c1=(1, 15), c2=(1, 150), max_drift=10, **kwargs)
+    assert all(p.failed is None for p in loose.points)
