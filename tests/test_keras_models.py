@@ -1,0 +1,100 @@
+"""Keras models converted by tf2onnx (fixtures/keras_*.onnx, built by fixtures/make_fixtures_keras.py; TensorFlow
+is not needed here): MatMul + Add layers, a batch norm folded into Mul + Add, outputs named `Identity:0`, batch
+dimensions named `unk__N`. Every number the tool prints is compared with onnxruntime and scipy on the same rows."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+from scipy.stats import ks_2samp
+
+from conftest import FIXTURES, assert_bad_input, invoke
+
+BN = FIXTURES / "keras_bn_dropout.onnx"
+TWO = FIXTURES / "keras_two_head.onnx"
+FEATURES = ["dnn_bar_pass_prediction", "gender_female", "gender_male", "lsat", "pass_bar"]
+FIT_ROWS = 4800  # the first rows of law_school.csv fit, the others are the evaluation file
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    """law_school.csv cut into a calibration file and an evaluation file; the evaluation rows as arrays."""
+    tmp = tmp_path_factory.mktemp("keras")
+    lines = (FIXTURES / "law_school.csv").read_text().splitlines()
+    (tmp / "fit.csv").write_text("\n".join(lines[:FIT_ROWS + 1]) + "\n")
+    (tmp / "eval.csv").write_text("\n".join([lines[0]] + lines[FIT_ROWS + 1:]) + "\n")
+    with open(tmp / "eval.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    x = np.array([[float(r[c]) for c in FEATURES] for r in rows], dtype=np.float32)
+    g = np.array([r["race1"] for r in rows])
+    y = np.array([float(r["ugpa"]) for r in rows])
+    return tmp, x, g, y
+
+
+def _outputs(model, x):
+    sess = ort.InferenceSession(model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model),
+                                providers=["CPUExecutionProvider"])
+    return [o.reshape(len(x), -1).astype(np.float64) for o in sess.run(None, {"features": x})]
+
+
+def _metrics(out, g, y):
+    a, b = out[g == "black"], out[g == "white"]
+    return {"ks": ks_2samp(a, b).statistic, "mean_gap": abs(a.mean() - b.mean()), "mse": np.mean((out - y) ** 2),
+            "mae": np.mean(np.abs(out - y))}
+
+
+def _repair(tmp, model, *extra):
+    out = tmp / f"{model.stem}.{abs(hash(extra))}.onnx"
+    result = invoke("repair", model, "--data", tmp / "fit.csv", "--eval", tmp / "eval.csv", "--group", "race1",
+                    "--target", "ugpa", "--refit", "fair", "--bootstrap", "0", "-o", out, "--force", "--json", "-q",
+                    *extra)
+    return result, out
+
+
+def test_layers_of_a_tf2onnx_keras_model():
+    data = json.loads(invoke("layers", BN, "--json").stdout)
+    layers = data["layers"]
+    assert [la["op"] for la in layers] == ["MatMul"] * 3
+    assert [(la["in_features"], la["out_features"]) for la in layers] == [(5, 64), (64, 32), (32, 1)]
+    assert layers[0]["input"] == "features" and [la.get("final", False) for la in layers] == [False, False, True]
+
+
+def test_repair_numbers_match_onnxruntime_and_scipy(split):
+    tmp, x, g, y = split
+    result, out = _repair(tmp, BN, "--layer", "-2")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["score"]["output"] == "Identity:0"
+    for when, model in (("before", BN), ("after", out)):
+        want = _metrics(_outputs(model, x)[0][:, 0], g, y)
+        for key, value in want.items():
+            assert report[when][key] == pytest.approx(value, abs=1e-9), (when, key)
+        assert report[when]["rows"] == len(x)
+    assert report["after"]["mean_gap"] < 0.6 * report["before"]["mean_gap"]  # the repair did something
+    # only the repaired MatMul's weight and the final MatMul's weight and Add's bias changed
+    old = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(BN)).graph.initializer}
+    new = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    changed = sorted(k for k in old if not np.array_equal(old[k], new[k]))
+    assert len(changed) == 3 and set(new) == set(old), changed
+
+
+def test_two_head_keras_model(split):
+    tmp, x, g, y = split
+    result, _ = _repair(tmp, TWO, "--layer", "-2")
+    assert_bad_input(result, "2 floating-point outputs ('Identity:0', 'Identity_1:0')", "--score")
+    result, out = _repair(tmp, TWO, "--layer", "-2", "--score", "Identity_1:0")  # the aux head's own layer
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    before, after = _outputs(TWO, x), _outputs(onnx.load(str(out)), x)
+    np.testing.assert_array_equal(before[0], after[0])  # the other head is untouched
+    assert report["after"]["ks"] == pytest.approx(_metrics(after[1][:, 0], g, y)["ks"], abs=1e-12)
+    same, _ = _repair(tmp, TWO, "--layer", "-2", "--score", "Identity_1:0:0")  # NAME:COL on a name with ':0'
+    assert json.loads(same.stdout)["after"]["ks"] == report["after"]["ks"]
+    shared, _ = _repair(tmp, TWO, "--layer", "1", "--score", "Identity:0")  # the shared body moves the aux head
+    assert_bad_input(shared, "output 'Identity_1:0' would change", "--max-drift")
