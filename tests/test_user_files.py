@@ -128,3 +128,22 @@ def test_boolean_target_in_parquet_is_read_as_1_and_0(tmp_path):
     got = audit(GEMM.path, tmp_path / "bool.parquet", group="g", target="passed")
     assert got.metrics.mse == pytest.approx(np.mean((out - (y > 0)) ** 2), rel=1e-9)
     assert json.loads(json.dumps(got.to_dict()))["metrics"]["mse"] == pytest.approx(got.metrics.mse)
+
+
+# ------------------------------------------------------------------------------------------------
+# Excel
+
+
+def test_excel_sep_line_names_the_delimiter(tmp_path):
+    """Excel may write `sep=;` before the header; it was taken for the header ("no group column 'g' (columns:
+    sep=;)")."""
+    lines = GEMM.data_path.read_text().splitlines()
+    data = tmp_path / "excel.csv"
+    data.write_bytes(("sep=;\r\n" + "\r\n".join(line.replace(",", ";") for line in lines) + "\r\n").encode())
+    got = audit(GEMM.path, data, group="g", target="y")
+    assert got.metrics.ks == pytest.approx(_expected_ks(), abs=1e-12) and got.rows == len(lines) - 1
+    semi = [line.replace(",", ";") for line in lines]
+    semi[3] = semi[3].replace(".", ",", 1)  # a decimal comma on the file's line 5 (after the sep line)
+    data.write_text("sep=;\n" + "\n".join(semi) + "\n")
+    with pytest.raises(DataError, match=r"line 5, column 'x0' holds '[-\d]+,\d+', a decimal comma"):
+        audit(GEMM.path, data, group="g", target="y")
