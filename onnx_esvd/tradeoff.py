@@ -321,6 +321,13 @@ def auto_layers(model: Any, data: Any, *, group: str, groups: Sequence[str] | No
     if len(mine) >= 2:
         ranked.append(mine[-2].layer.index)
     if not ranked:
+        shared = [a.layer for a in report.layers if a.layer.index not in own and not a.layer.is_final]
+        if shared:
+            raise OptionError(f"--layer auto found no layer to try: the layers before the final node of "
+                              f"{report.score} ({', '.join(f'{la.index} {la.name!r}' for la in shared)}) also feed "
+                              "other outputs, which a repair there would change; give --layer N to repair one of "
+                              "them anyway (the other outputs' own final nodes are then refitted back, within "
+                              "--max-drift)")
         raise OptionError("--layer auto found no layer worth repairing (the only linear node is a single-output "
                           "final node); give --layer")
     return list(dict.fromkeys(ranked))

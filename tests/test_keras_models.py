@@ -98,3 +98,12 @@ def test_two_head_keras_model(split):
     assert json.loads(same.stdout)["after"]["ks"] == report["after"]["ks"]
     shared, _ = _repair(tmp, TWO, "--layer", "1", "--score", "Identity:0")  # the shared body moves the aux head
     assert_bad_input(shared, "output 'Identity_1:0' would change", "--max-drift")
+
+
+def test_layer_auto_says_why_no_layer_of_a_shared_body_is_tried(split):
+    """--layer auto on the gpa head: its only earlier layers are the shared body, which auto never tries; the message
+    said "the only linear node is a single-output final node", which is false for this model."""
+    tmp, *_ = split
+    result, _ = _repair(tmp, TWO, "--layer", "auto", "--score", "Identity:0")
+    line = assert_bad_input(result, "--layer auto found no layer to try", "also feed other outputs", "give --layer N")
+    assert "the only linear node" not in line
