@@ -663,6 +663,7 @@ def _huge_target_csv(tmp_path):
     return path
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on the 1e200 targets
 def test_sweep_skips_a_failing_setting_and_goes_on(tmp_path):
     huge = _huge_target_csv(tmp_path)
     res = onnx_esvd.sweep(GEMM.path, huge, evaluate=GEMM.data_path, c1=(1, 15), c2=(1,), refit=["none", "fair"],
@@ -701,6 +702,7 @@ def test_cli_sweep_marks_failed_settings_and_exits_2_only_when_all_fail(tmp_path
     assert_bad_input(invoke(*base, "--refit", "fair"), "beyond the largest float32", "final node 'Gemm_2'")
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on the 1e200 targets
 def test_budget_never_chooses_a_failed_setting(tmp_path):
     huge = _huge_target_csv(tmp_path)
     res = repair_within_budget(GEMM.path, huge, evaluate=GEMM.data_path, c1=(1, 15), c2=(1,), refit=["none", "fair"],

@@ -147,3 +147,19 @@ def test_excel_sep_line_names_the_delimiter(tmp_path):
     data.write_text("sep=;\n" + "\n".join(semi) + "\n")
     with pytest.raises(DataError, match=r"line 5, column 'x0' holds '[-\d]+,\d+', a decimal comma"):
         audit(GEMM.path, data, group="g", target="y")
+
+
+def test_dataframe_with_a_named_index_reads_it_by_name_only():
+    """`repair(model, df.set_index("g"), group="g")` said "no group column 'g'"; a named id index must never be fed
+    as a feature."""
+    pd = pytest.importorskip("pandas")
+    frame = pd.read_csv(GEMM.data_path)
+    expected = _expected_ks()
+    assert audit(GEMM.path, frame.set_index("g"), group="g", target="y").metrics.ks == pytest.approx(expected,
+                                                                                                    abs=1e-12)
+    assert audit(GEMM.path, frame.set_index(["g", "y"]), group="g", target="y").metrics.ks == \
+        pytest.approx(expected, abs=1e-12)
+    ids = frame.rename_axis("row_id")
+    got = audit(GEMM.path, ids, group="g", target="y")
+    assert got.metrics.ks == pytest.approx(expected, abs=1e-12)
+    assert "(x0, x1, x2, x3, x4, x5)" in " ".join(got.warnings)
