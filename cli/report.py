@@ -275,8 +275,12 @@ def budget_report(budget: Any) -> str:
     """Which setting met the budget (and the runner-up), or the closest one when none did."""
     limits = ", ".join(f"{k} <= {v:g}" for k, v in budget.budget.items())
     tried = len(budget.sweep.points)
-    skipped = tried - len(budget.sweep.measured)
-    limits += f" ({skipped} of the settings failed and were skipped; see sweep)" if skipped else ""
+    failed = [p for p in budget.sweep.points if p.metrics is None]
+    note = ""
+    if failed:
+        first = failed[0]
+        note = (f"\nskipped   {len(failed)} of the {tried} settings failed, e.g. c1={first.c1:g}, c2={first.c2:g}, "
+                f"refit {first.setting.describe()}: {first.failed}")
 
     def describe(p: Any) -> str:
         m = p.metrics
@@ -286,10 +290,10 @@ def budget_report(budget: Any) -> str:
                 f"MSE {num(m.mse)}")
 
     if budget.winner is None:
-        return (f"no setting of the {tried} tried meets {limits}; closest: {describe(budget.closest)}\n"
+        return (f"no setting of the {tried} tried meets {limits}; closest: {describe(budget.closest)}{note}\n"
                 "nothing was written")
     lines = [f"budget    {limits}: {tried} settings tried on the holdout rows",
              f"winner    {describe(budget.winner)}"]
     if budget.runner_up is not None:
         lines.append(f"runner-up {describe(budget.runner_up)}")
-    return "\n".join(lines)
+    return "\n".join(lines) + note

@@ -224,6 +224,7 @@ class BudgetResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"budget": self.budget, "met": self.result is not None,
+                "failed": sum(p.metrics is None for p in self.sweep.points),
                 "winner": None if self.winner is None else self.winner.to_dict(),
                 "runner_up": None if self.runner_up is None else self.runner_up.to_dict(),
                 "closest": None if self.closest is None else self.closest.to_dict(),

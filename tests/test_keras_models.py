@@ -107,3 +107,19 @@ def test_layer_auto_says_why_no_layer_of_a_shared_body_is_tried(split):
     result, _ = _repair(tmp, TWO, "--layer", "auto", "--score", "Identity:0")
     line = assert_bad_input(result, "--layer auto found no layer to try", "also feed other outputs", "give --layer N")
     assert "the only linear node" not in line
+
+
+def test_budget_skips_settings_that_move_the_other_head(split):
+    """A budget over the shared body's c1 x c2 grid: the settings that move the aux head beyond --max-drift are
+    skipped (and said so), and the winner is one that repair accepts, instead of exit 2 after the search."""
+    tmp, x, *_ = split
+    out = tmp / "budget.onnx"
+    result = invoke("repair", TWO, "--layer", "1", "--score", "Identity:0", "--data", tmp / "fit.csv", "--eval",
+                    tmp / "eval.csv", "--group", "race1", "--target", "ugpa", "--refit", "fair", "--max-ks", "0.3",
+                    "--max-drift", "0.3", "--bootstrap", "0", "-o", out, "-q")
+    assert result.exit_code == 0, result.stderr
+    skipped = [line for line in result.stdout.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 1 and "output 'Identity_1:0' would change" in skipped[0], result.stdout
+    before, after = _outputs(TWO, x), _outputs(onnx.load(str(out)), x)
+    drift = np.sqrt(np.mean((after[1] - before[1]) ** 2)) / before[1].std()
+    assert drift <= 0.3
