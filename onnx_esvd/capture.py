@@ -229,7 +229,8 @@ def plan_inputs(model: onnx.ModelProto, table: Table, spec: DataSpec) -> list[In
                 missing = next(c for c in ((name,) if width == 1 else (f"{name}_{j}" for j in range(width)))
                                if c not in table.columns)
                 raise DataError(f"{table.name}: model input '{name}' needs the column{'s' if width > 1 else ''} "
-                                f"{expected}; '{missing}' is missing")
+                                f"{expected}; '{missing}' is missing (the model's inputs: "
+                                f"{', '.join(repr(s[0]) for s in shapes)}){_left_constant(inputs, name)}")
             if cols is None:
                 cols = tuple(c for c in table.columns if c not in reserved and c not in table.index_columns)
                 by_position = True
@@ -244,6 +245,22 @@ def plan_inputs(model: onnx.ModelProto, table: Table, spec: DataSpec) -> list[In
                             "column")
         plans.append(InputPlan(name, cols, dtype, shape, by_position))
     return plans
+
+
+def _left_constant(inputs: Sequence[onnx.ValueInfoProto], name: str) -> str:
+    """A hint when input `name` has a fixed first dimension of 1 while another input's row dimension is free: an
+    exporter left a constant as an input (Keras's Normalization layer through tf2onnx does this)."""
+    def first(inp: onnx.ValueInfoProto):
+        dims = inp.type.tensor_type.shape.dim if inp.type.HasField("tensor_type") else []
+        return dims[0] if len(dims) else None
+
+    mine = next((first(i) for i in inputs if i.name == name), None)
+    free = any(d is not None and not d.HasField("dim_value") for d in (first(i) for i in inputs if i.name != name))
+    if mine is not None and mine.HasField("dim_value") and mine.dim_value == 1 and free:
+        return ("; its first dimension is fixed at 1 while the other inputs take any number of rows, so it is likely "
+                "a constant the exporter left as an input (as tf2onnx does for Keras's Normalization layer): export "
+                "the model with that value folded in, or give it as constant columns")
+    return ""
 
 
 def reader_notes(name: str, reader: "RowReader") -> list[str]:

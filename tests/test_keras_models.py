@@ -123,3 +123,46 @@ def test_budget_skips_settings_that_move_the_other_head(split):
     before, after = _outputs(TWO, x), _outputs(onnx.load(str(out)), x)
     drift = np.sqrt(np.mean((after[1] - before[1]) ** 2)) / before[1].std()
     assert drift <= 0.3
+
+
+def _normalised_model(x_batch="unk__0"):
+    """tf2onnx's Keras Normalization layer left as an input: x [x_batch, 3], 'mean:0' [1, 3] -> Sub -> MatMul + Add
+    (3 -> 4) -> Relu -> MatMul + Add (4 -> 1) -> Identity -> 'Identity:0'."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n)
+             for n, s in (("w0", (3, 4)), ("b0", (4,)), ("w1", (4, 1)), ("b1", (1,)))]
+    nodes = [helper.make_node("Sub", ["x", "mean:0"], ["c"]), helper.make_node("MatMul", ["c", "w0"], ["m0"]),
+             helper.make_node("Add", ["m0", "b0"], ["a0"]), helper.make_node("Relu", ["a0"], ["r0"]),
+             helper.make_node("MatMul", ["r0", "w1"], ["m1"]), helper.make_node("Add", ["m1", "b1"], ["a1"]),
+             helper.make_node("Identity", ["a1"], ["Identity:0"])]
+    graph = helper.make_graph(nodes, "norm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [x_batch, 3]),
+                                              helper.make_tensor_value_info("mean:0", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("Identity:0", TensorProto.FLOAT, ["unk__0", 1])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_input_fixed_at_one_row_beside_free_ones(tmp_path):
+    """Such a model ran into onnxruntime's "Got invalid dimensions ... for the following indices" (cut there);
+    with the constant given as columns it must run row by row, and without them the message must say why."""
+    from onnx_esvd import DataError, audit
+
+    rng = np.random.default_rng(0)
+    n = 300
+    g = np.where(rng.random(n) < 0.4, "a", "b")
+    x = (rng.normal(size=(n, 3)) + (g == "b")[:, None] * 0.7).astype(np.float32)
+    mean = np.array([[0.1, -0.2, 0.3]], dtype=np.float32)
+    data = {**{f"x_{j}": x[:, j] for j in range(3)}, "g": g}
+    with pytest.raises(DataError, match=r"'mean:0_0' is missing \(the model's inputs: 'x', 'mean:0'\); its first "
+                                        r"dimension is fixed at 1 .* likely a constant the exporter left as an input"):
+        audit(_normalised_model(), data, group="g")
+    data.update({f"mean:0_{j}": np.full(n, mean[0, j]) for j in range(3)})
+    got = audit(_normalised_model(), data, group="g")
+    sess = ort.InferenceSession(_normalised_model().SerializeToString(), providers=["CPUExecutionProvider"])
+    out = np.concatenate([sess.run(None, {"x": x[i:i + 1], "mean:0": mean})[0][:, 0] for i in range(n)])
+    assert got.metrics.ks == pytest.approx(ks_2samp(out[g == "a"], out[g == "b"]).statistic, abs=1e-12)
+    from onnx_esvd.errors import ModelError
+
+    with pytest.raises(ModelError, match=r"onnxruntime failed to run the model: .*Got invalid dimensions.*Expected"):
+        audit(_normalised_model(x_batch=2), data, group="g")  # two different fixed sizes: onnxruntime's whole line
