@@ -204,7 +204,8 @@ def plan_inputs(model: onnx.ModelProto, table: Table, spec: DataSpec) -> list[In
     for col in reserved:
         if col not in table.columns:
             what = "group" if col in spec.group_columns else "target"
-            raise DataError(f"{table.name}: no {what} column '{col}' (columns: {_listed(table.columns)})")
+            raise DataError(f"{table.name}: no {what} column '{col}' (columns: {_listed(table.columns)})"
+                            f"{_near_miss(col, table.columns)}")
     if spec.features and len(shapes) > 1:
         raise OptionError("--features applies to single-input models; a model with several inputs takes the "
                           "columns named after each input (NAME, or NAME_0 ... NAME_{w-1})")
@@ -216,7 +217,8 @@ def plan_inputs(model: onnx.ModelProto, table: Table, spec: DataSpec) -> list[In
             cols = tuple(spec.features)
             for c in cols:
                 if c not in table.columns:
-                    raise DataError(f"{table.name}: no feature column '{c}' (columns: {_listed(table.columns)})")
+                    raise DataError(f"{table.name}: no feature column '{c}' (columns: {_listed(table.columns)})"
+                                    f"{_near_miss(c, table.columns)}")
                 if c in reserved:
                     raise DataError(f"--features lists '{c}', which is the group or target column")
             if len(cols) != width:
@@ -245,6 +247,14 @@ def plan_inputs(model: onnx.ModelProto, table: Table, spec: DataSpec) -> list[In
                             "column")
         plans.append(InputPlan(name, cols, dtype, shape, by_position))
     return plans
+
+
+def _near_miss(name: str, columns: Sequence[str]) -> str:
+    """A hint when a column differs from `name` only by spaces around it or by case (which the list hides)."""
+    close = [c for c in columns if c != name and c.strip().casefold() == name.strip().casefold()]
+    if not close:
+        return ""
+    return f"; the data has {close[0]!r}, which differs only in spaces or case: give that name exactly or rename it"
 
 
 def _left_constant(inputs: Sequence[onnx.ValueInfoProto], name: str) -> str:

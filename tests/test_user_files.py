@@ -163,3 +163,15 @@ def test_dataframe_with_a_named_index_reads_it_by_name_only():
     got = audit(GEMM.path, ids, group="g", target="y")
     assert got.metrics.ks == pytest.approx(expected, abs=1e-12)
     assert "(x0, x1, x2, x3, x4, x5)" in " ".join(got.warnings)
+
+
+def test_a_column_name_with_a_trailing_space_is_named_in_the_message():
+    """A Parquet or DataFrame column 'g ' (a space the list of columns hides): "no group column 'g' (columns: ...,
+    g , ...)" looked like a lie; the message must point at the near miss."""
+    pd = pytest.importorskip("pandas")
+    frame = pd.read_csv(GEMM.data_path).rename(columns={"g": "g "})
+    with pytest.raises(DataError, match=r"no group column 'g' .*; the data has 'g ', which differs only in spaces or "
+                                        r"case"):
+        audit(GEMM.path, frame, group="g", target="y")
+    with pytest.raises(DataError, match=r"no feature column 'X0' .*the data has 'x0'"):
+        audit(GEMM.path, frame.rename(columns={"g ": "g"}), group="g", target="y", features=["X0"] + COLUMNS[1:])
