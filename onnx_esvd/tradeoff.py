@@ -165,6 +165,7 @@ def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequen
                     evaluate=None if evaluate is None else open_table(evaluate))
     points: list[tuple[float, float, RefitSpec, OutputMetrics | LayerError]] = []
     scored = any(not _refit_note(r.mode, prep) for r in settings)
+    distilled = any(o.how == "distilled" for o in prep.others)
     for a in c1s:
         for b in c2s:
             try:
@@ -194,7 +195,8 @@ def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequen
                     outputs = report_outputs(model_m, prep.report_reader, prep.report_holdout, progress, prep.score)
                     outputs_finite(outputs, "the repaired model", prep.score.output, repaired=True)
                     after: OutputMetrics | LayerError = capture_metrics(prep.cap, prep.reader, outputs, seed=seed)
-                    other_drifts(prep, model_m, progress, max_drift)  # as `repair` would refuse it
+                    if distilled:  # refuse the setting as `repair` would
+                        other_drifts(prep, model_m, progress, max_drift)
                 except LayerError as exc:
                     after = exc
                 points.append((a, b, setting, after))
