@@ -243,6 +243,8 @@ def check_report(res: Any) -> str:
                      f"({', '.join(t.metric for t in failed)})")
     else:
         lines.append(f"PASS: all {len(res.thresholds)} thresholds hold")
+    for note in mz.warnings:
+        lines.append(f"warning: {note}")
     return "\n".join(lines)
 
 
@@ -254,11 +256,16 @@ def sweep_report(res: Any) -> str:
              f"{res.layer.out_features}); groups {', '.join(repr(x) for x in res.groups)}",
              f"measured on the {b.rows} {res.report_rows} rows; original model: KS {num(b.ks)}, mean gap "
              f"{num(b.mean_gap)}" + (f", MSE {num(b.mse)}" if has_mse else ""), ""]
-    rows = [(f"{p.c1:g}", f"{p.c2:g}", p.setting.describe(), num(p.metrics.ks), num(p.metrics.mean_gap),
+    rows = [(f"{p.c1:g}", f"{p.c2:g}", p.setting.describe(), "failed", "-", "-", "") if p.metrics is None else
+            (f"{p.c1:g}", f"{p.c2:g}", p.setting.describe(), num(p.metrics.ks), num(p.metrics.mean_gap),
              num(p.metrics.mse), "*" if p.pareto else "") for p in res.points]
     lines.append(table(["c1", "c2", "refit", "KS", "mean gap", "MSE", "pareto"], rows, right=(0, 1, 3, 4, 5)))
     lines.append(f"* Pareto-optimal: no other setting has both a lower KS and a lower "
                  f"{'MSE' if has_mse else 'mean gap'}")
+    failed = [p for p in res.points if p.metrics is None]
+    if failed:
+        lines.append(f"failed: {len(failed)} of {len(res.points)} settings were skipped:")
+        lines += [f"  c1={p.c1:g}, c2={p.c2:g}, refit {p.setting.describe()}: {p.failed}" for p in failed]
     for note in res.warnings:
         lines.append(f"warning: {note}")
     return "\n".join(lines)
@@ -268,6 +275,12 @@ def budget_report(budget: Any) -> str:
     """Which setting met the budget (and the runner-up), or the closest one when none did."""
     limits = ", ".join(f"{k} <= {v:g}" for k, v in budget.budget.items())
     tried = len(budget.sweep.points)
+    failed = [p for p in budget.sweep.points if p.metrics is None]
+    note = ""
+    if failed:
+        first = failed[0]
+        note = (f"\nskipped   {len(failed)} of the {tried} settings failed, e.g. c1={first.c1:g}, c2={first.c2:g}, "
+                f"refit {first.setting.describe()}: {first.failed}")
 
     def describe(p: Any) -> str:
         m = p.metrics
@@ -277,10 +290,10 @@ def budget_report(budget: Any) -> str:
                 f"MSE {num(m.mse)}")
 
     if budget.winner is None:
-        return (f"no setting of the {tried} tried meets {limits}; closest: {describe(budget.closest)}\n"
+        return (f"no setting of the {tried} tried meets {limits}; closest: {describe(budget.closest)}{note}\n"
                 "nothing was written")
     lines = [f"budget    {limits}: {tried} settings tried on the holdout rows",
              f"winner    {describe(budget.winner)}"]
     if budget.runner_up is not None:
         lines.append(f"runner-up {describe(budget.runner_up)}")
-    return "\n".join(lines)
+    return "\n".join(lines) + note

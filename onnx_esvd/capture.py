@@ -204,7 +204,8 @@ def plan_inputs(model: onnx.ModelProto, table: Table, spec: DataSpec) -> list[In
     for col in reserved:
         if col not in table.columns:
             what = "group" if col in spec.group_columns else "target"
-            raise DataError(f"{table.name}: no {what} column '{col}' (columns: {_listed(table.columns)})")
+            raise DataError(f"{table.name}: no {what} column '{col}' (columns: {_listed(table.columns)})"
+                            f"{_near_miss(col, table.columns)}")
     if spec.features and len(shapes) > 1:
         raise OptionError("--features applies to single-input models; a model with several inputs takes the "
                           "columns named after each input (NAME, or NAME_0 ... NAME_{w-1})")
@@ -216,7 +217,8 @@ def plan_inputs(model: onnx.ModelProto, table: Table, spec: DataSpec) -> list[In
             cols = tuple(spec.features)
             for c in cols:
                 if c not in table.columns:
-                    raise DataError(f"{table.name}: no feature column '{c}' (columns: {_listed(table.columns)})")
+                    raise DataError(f"{table.name}: no feature column '{c}' (columns: {_listed(table.columns)})"
+                                    f"{_near_miss(c, table.columns)}")
                 if c in reserved:
                     raise DataError(f"--features lists '{c}', which is the group or target column")
             if len(cols) != width:
@@ -229,9 +231,10 @@ def plan_inputs(model: onnx.ModelProto, table: Table, spec: DataSpec) -> list[In
                 missing = next(c for c in ((name,) if width == 1 else (f"{name}_{j}" for j in range(width)))
                                if c not in table.columns)
                 raise DataError(f"{table.name}: model input '{name}' needs the column{'s' if width > 1 else ''} "
-                                f"{expected}; '{missing}' is missing")
+                                f"{expected}; '{missing}' is missing (the model's inputs: "
+                                f"{', '.join(repr(s[0]) for s in shapes)}){_left_constant(inputs, name)}")
             if cols is None:
-                cols = tuple(c for c in table.columns if c not in reserved)
+                cols = tuple(c for c in table.columns if c not in reserved and c not in table.index_columns)
                 by_position = True
                 if len(cols) != width:
                     raise DataError(f"{table.name}: model input '{name}' takes {width} features; no columns are "
@@ -244,6 +247,40 @@ def plan_inputs(model: onnx.ModelProto, table: Table, spec: DataSpec) -> list[In
                             "column")
         plans.append(InputPlan(name, cols, dtype, shape, by_position))
     return plans
+
+
+def _near_miss(name: str, columns: Sequence[str]) -> str:
+    """A hint when a column differs from `name` only by spaces around it or by case (which the list hides)."""
+    close = [c for c in columns if c != name and c.strip().casefold() == name.strip().casefold()]
+    if not close:
+        return ""
+    return f"; the data has {close[0]!r}, which differs only in spaces or case: give that name exactly or rename it"
+
+
+def _left_constant(inputs: Sequence[onnx.ValueInfoProto], name: str) -> str:
+    """A hint when input `name` has a fixed first dimension of 1 while another input's row dimension is free: an
+    exporter left a constant as an input (Keras's Normalization layer through tf2onnx does this)."""
+    def first(inp: onnx.ValueInfoProto):
+        dims = inp.type.tensor_type.shape.dim if inp.type.HasField("tensor_type") else []
+        return dims[0] if len(dims) else None
+
+    mine = next((first(i) for i in inputs if i.name == name), None)
+    free = any(d is not None and not d.HasField("dim_value") for d in (first(i) for i in inputs if i.name != name))
+    if mine is not None and mine.HasField("dim_value") and mine.dim_value == 1 and free:
+        return ("; its first dimension is fixed at 1 while the other inputs take any number of rows, so it is likely "
+                "a constant the exporter left as an input (as tf2onnx does for Keras's Normalization layer): export "
+                "the model with that value folded in, or give it as constant columns")
+    return ""
+
+
+def reader_notes(name: str, reader: "RowReader") -> list[str]:
+    """What every report must say about how `reader` read the data called `name`: inputs fed by position (no
+    column named after them) and rows skipped for a missing value (--dropna)."""
+    notes = [f"{name}: no columns are named after model input '{inp.name}', so it was fed the columns in file order "
+             f"({', '.join(inp.columns)})" for inp in reader.by_position()]
+    if reader.dropped:
+        notes.append(f"{name}: {reader.dropped} rows with a missing value were skipped (--dropna)")
+    return notes
 
 
 def _listed(cols: Sequence[str], limit: int = 12) -> str:

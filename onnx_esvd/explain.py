@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .capture import (capture, capture_metrics, data_spec, group_stats, open_rows, source_name)
+from .capture import (capture, capture_metrics, data_spec, group_stats, open_rows, reader_notes, source_name)
 from .errors import OptionError
 from .esvd import MomentGap, disparity_view
 from .graph import LinearLayer, find_layers, read_weight
@@ -96,7 +96,7 @@ def audit(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = N
     cap = capture(loaded.model, layers_in, reader, 0.0, progress or (lambda name, rows: None), scored)
     outputs_finite(cap.report, source_name(model), scored.output)
     metrics = capture_metrics(cap, reader, bootstrap=bootstrap, seed=seed)
-    notes: list[str] = []
+    notes: list[str] = reader_notes(source_name(data), reader)
     views = []
     for layer in layers_in:
         stats = group_stats(cap, layer, reader, notes)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .capture import (Progress, capture, capture_metrics, check_groups_present, data_spec, open_rows, source_name)
+from .capture import (Progress, capture, capture_metrics, check_groups_present, data_spec, open_rows, reader_notes,
+                      source_name)
 from .errors import OptionError
 from .guards import outputs_finite
 from .metrics import OutputMetrics
@@ -68,6 +69,7 @@ class Measured:
     skipped: int
     score: str = ""
     group_column: str = ""
+    warnings: tuple[str, ...] = ()  # how the data was read (inputs fed by position, rows dropped)
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ class CheckResult:
                 "rows": {"total": self.measured.rows, "skipped": self.measured.skipped},
                 "metrics": self.metrics.to_dict(), "thresholds": [t.to_dict() for t in self.thresholds],
                 "baseline": None if self.baseline is None else {"model": self.baseline_model,
-                                                                "metrics": self.baseline.metrics.to_dict()}}
+                                                                "metrics": self.baseline.metrics.to_dict()},
+                "warnings": list(self.measured.warnings)}
 
     def junit_xml(self, seconds: float = 0.0) -> str:
         """A JUnit XML report: one test case per threshold, failures for the thresholds exceeded."""
@@ -139,7 +142,8 @@ def measure(model: Any, data: Any, *, group: str, groups: Sequence[str] | None =
     check_groups_present(cap, reader)
     outputs_finite(cap.report, source_name(model), scored.output)
     return Measured(capture_metrics(cap, reader, bootstrap=bootstrap, seed=seed), reader.group_labels(),
-                    reader.total, reader.skipped, scored.describe(cap.width), spec.group)
+                    reader.total, reader.skipped, scored.describe(cap.width), spec.group,
+                    tuple(reader_notes(source_name(data), reader)))
 
 
 def check(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = None, target: str | None = None,

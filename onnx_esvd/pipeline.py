@@ -28,7 +28,7 @@ from .guards import esvd_weight_fits, outputs_finite, stats_finite
 from .graph import (LinearLayer, find_layers, output_path_is_value_preserving,
                     read_weight, select_layer, with_outputs, write_bias, write_weight)
 from .capture import (DataSpec, OutputDrift, Progress, RowReader, Rows, as_rows, capture, capture_metrics,
-                      data_spec, group_stats, layer_rows, open_rows, output_drift, report_outputs)
+                      data_spec, group_stats, layer_rows, open_rows, output_drift, reader_notes, report_outputs)
 from .data import Table, open_table
 from .metrics import OutputMetrics
 from .modelio import LoadedModel, check_output_path, load_model, save_model
@@ -364,11 +364,7 @@ def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Dat
                          f"({others_seen}) and were not measured")
     readers = [(table.name, reader)] + ([(evaluate.name, report_reader)] if evaluate is not None else [])
     for name, r in readers:
-        for inp in r.by_position():
-            notes.append(f"{name}: no columns are named after model input '{inp.name}', so it was fed the columns "
-                         f"in file order ({', '.join(inp.columns)})")
-        if r.dropped:
-            notes.append(f"{name}: {r.dropped} rows with a missing value were skipped (--dropna)")
+        notes += reader_notes(name, r)
     if not cap.report.rows:
         where = evaluate.name if evaluate is not None else table.name
         raise DataError(f"{where}: no rows were left for the report; lower --holdout or add rows")
@@ -481,15 +477,9 @@ def _finish(prep: _Prepared, patched: onnx.ModelProto, result: EsvdResult, refit
     after_values = report_outputs(patched, rr, h, progress, prep.score)
     outputs_finite(after_values, "the repaired model", prep.score.output, repaired=True)
     after = capture_metrics(prep.cap, reader, after_values, bootstrap=options.bootstrap, seed=options.seed)
-    drifts = tuple(dataclasses.replace(d, how=o.how) for o, d in zip(
-        prep.others, output_drift(prep.original, patched, rr, h, [o.name for o in prep.others], progress)))
+    drifts = other_drifts(prep, patched, progress, options.max_drift)
     notes = list(prep.notes)
     for o, drift in zip(prep.others, drifts):
-        if o.how == "distilled" and not drift.relative <= options.max_drift:
-            raise LayerError(f"output '{o.name}' would change: after refitting its final node '{o.final.name}' to its "
-                             f"original values it still moves by {drift.relative:.3g} of its spread (relative RMS, "
-                             f"--max-drift {options.max_drift:g}); repair a layer that only the scored output "
-                             f"'{prep.score.output}' depends on, or raise --max-drift")
         if o.how == "derived":
             notes.append(f"output '{o.name}' is computed from the scored output's final node, so it changes with "
                          f"the repair (relative RMS change {drift.relative:.3g} on the report rows)")
@@ -507,6 +497,23 @@ def _finish(prep: _Prepared, patched: onnx.ModelProto, result: EsvdResult, refit
                        others=drifts, penalty=penalty)
     _record(patched, res)
     return res
+
+
+def other_drifts(prep: _Prepared, patched: onnx.ModelProto, progress: Progress, max_drift: float
+                 ) -> tuple[OutputDrift, ...]:
+    """How far each other output the repaired node feeds moved on the report rows; raises LayerError when a
+    distilled one moved by more than `max_drift` of its spread."""
+    if not prep.others:
+        return ()
+    drifts = tuple(dataclasses.replace(d, how=o.how) for o, d in zip(prep.others, output_drift(
+        prep.original, patched, prep.report_reader, prep.report_holdout, [o.name for o in prep.others], progress)))
+    for o, drift in zip(prep.others, drifts):
+        if o.how == "distilled" and not drift.relative <= max_drift:
+            raise LayerError(f"output '{o.name}' would change: after refitting its final node '{o.final.name}' to its "
+                             f"original values it still moves by {drift.relative:.3g} of its spread (relative RMS, "
+                             f"--max-drift {max_drift:g}); repair a layer that only the scored output "
+                             f"'{prep.score.output}' depends on, or raise --max-drift")
+    return drifts
 
 
 def _group_values(collector: Any, reader: RowReader) -> tuple[np.ndarray, ...]:

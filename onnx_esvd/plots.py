@@ -66,7 +66,7 @@ def plot_tradeoff(result: Any, path: str | os.PathLike) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.8), dpi=110)
     for mode, marker in (("fair", "o"), ("moments", "D"), ("cdf", "v"), ("w2", "P"), ("plain", "s"),
                          ("none", "^")):
-        pts = [p for p in result.points if p.refit == mode]
+        pts = [p for p in result.points if p.refit == mode and p.metrics is not None]
         if pts:
             ax.scatter([p.metrics.ks for p in pts], [cost(p.metrics) for p in pts], marker=marker, s=28, alpha=0.6,
                        label=f"refit {mode}")

@@ -117,22 +117,29 @@ class Runner:
 
 
 def static_batch(model: onnx.ModelProto) -> int | None:
-    """The fixed batch size b when every runtime input's first dimension is the same number b, else None."""
+    """The fixed batch size b when every runtime input whose first dimension is a number has the same number b
+    (inputs with a free first dimension take b rows too), else None.
+
+    A model may fix one input at [1, k] while the others take any number of rows (tf2onnx leaves the constants of
+    Keras's Normalization layer as such inputs): it runs row by row."""
     inits = {t.name for t in model.graph.initializer}
     sizes = set()
     for inp in model.graph.input:
         if inp.name in inits or not inp.type.HasField("tensor_type"):
             continue
         dims = inp.type.tensor_type.shape.dim
-        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value <= 0:
-            return None
-        sizes.add(dims[0].dim_value)
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            sizes.add(dims[0].dim_value)
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def _first_line(exc: BaseException, limit: int = 400) -> str:
+    """The exception's message on one line: onnxruntime's messages go on after a line break ("... for the
+    following indices" / "index: 0 Got: 4096 Expected: 1"), so the lines are joined, not cut."""
+    text = " ".join(str(exc).split())
+    if not text:
+        return type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def pipelined(items: Iterable[T], work: Callable[[T], R]) -> Iterator[tuple[T, R]]:

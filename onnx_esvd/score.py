@@ -5,8 +5,10 @@ scored output is the one whose distribution is measured and repaired:
 
 - `--score NAME` or `--score NAME:COL` names it (and the column of an `[N, k]` output);
 - by default it is the only floating-point output; with two or more, the command refuses and lists them;
-- an `[N, 2]` output (class probabilities) is scored on column 1, the positive class, and the report
-  says so; an `[N, k]` output with k > 2 needs an explicit column;
+- an `[N, 2]` output of class probabilities (computed by Softmax, by a Concat of a Sigmoid and its
+  complement, by a classifier node, or read by a ZipMap) is scored on column 1, the positive class, and
+  the report says so; any other `[N, 2]` output (two regression targets) and an `[N, k]` output with
+  k > 2 need an explicit column;
 - an output computed by a ZipMap node (scikit-learn classifiers converted with default options turn their
   probability tensor into a sequence of maps) is scored on the ZipMap's input tensor, which holds the same
   probabilities as a plain `[N, classes]` float tensor.
@@ -37,6 +39,7 @@ class Score:
         width: number of values per row when the model declares it statically, else None.
         explicit_column: True when the user named the column.
         elem_type: ONNX element type of `tensor`.
+        probability: True when the output holds class probabilities (so column 1 of two is the default).
     """
 
     output: str
@@ -45,6 +48,7 @@ class Score:
     width: int | None
     explicit_column: bool = False
     elem_type: int = onnx.TensorProto.FLOAT
+    probability: bool = False
 
     def pick(self, width: int) -> int:
         """The column to score in a `[n, width]` block (checked against the width actually produced)."""
@@ -55,10 +59,9 @@ class Score:
             return self.column
         if width == 1:
             return 0
-        if width == 2:
+        if width == 2 and self.probability:
             return 1
-        raise OptionError(f"output '{self.output}' has {width} values per row; name the column to score with "
-                          f"--score {self.output}:COL (COL in 0..{width - 1})")
+        raise OptionError(_needs_column(self.output, width))
 
     def describe(self, width: int | None = None) -> str:
         """`'probabilities' column 1 (the positive class of [N, 2])` and the like, for reports."""
@@ -82,9 +85,48 @@ class Score:
         return out if out.dtype in (np.float32, np.float64) else out.astype(np.float64)
 
     def to_dict(self) -> dict:
+        known = self.width is not None and (self.width == 1 or (self.width == 2 and self.probability))
         return {"output": self.output, "tensor": self.tensor, "column": self.column if self.column is not None
-                else (self.pick(self.width) if self.width is not None and self.width <= 2 else None),
-                "width": self.width}
+                else (self.pick(self.width) if known else None), "width": self.width}
+
+
+def _needs_column(output: str, width: int) -> str:
+    what = ("is not a class-probability output (no Softmax, Sigmoid or classifier node computes it), so "
+            "its columns are separate predictions" if width == 2 else "")
+    return (f"output '{output}' has {width} values per row{' and ' + what if what else ''}; name the column to "
+            f"score with --score {output}:COL (COL in 0..{width - 1})")
+
+
+#: Ops that pass a tensor's values through unchanged (up to shape and dtype).
+_PASS_THROUGH = ("Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Normalizer")
+
+
+def _is_probability(tensor: str, producer: dict[str, onnx.NodeProto]) -> bool:
+    """Whether `tensor` holds class probabilities: computed (through reshapes and casts) by Softmax, by a
+    classifier node of ai.onnx.ml, or by a Concat of a Sigmoid output and its complement (scikit-learn's
+    binary classifiers)."""
+
+    def source(t: str) -> onnx.NodeProto | None:
+        node = producer.get(t)
+        for _ in range(64):
+            if node is None or node.op_type not in _PASS_THROUGH or not node.input:
+                return node
+            node = producer.get(node.input[0])
+        return None
+
+    node = source(tensor)
+    if node is None:
+        return False
+    if node.op_type == "Softmax" or (node.domain == "ai.onnx.ml" and node.op_type.endswith("Classifier")):
+        return True
+    if node.op_type == "Concat":
+        for t in node.input:
+            part = source(t)
+            if part is not None and part.op_type == "Sub":  # 1 - p
+                part = next((source(u) for u in part.input if source(u) is not None), None)
+            if part is not None and part.op_type == "Sigmoid":
+                return True
+    return False
 
 
 def _static_width(vi: onnx.ValueInfoProto) -> int | None:
@@ -128,7 +170,8 @@ def candidates(model: onnx.ModelProto) -> list[Score]:
                 infos = infos if infos is not None else _tensor_infos(model)
                 vi = infos.get(out.name)
                 width = _static_width(vi) if vi is not None else None
-            found.append(Score(out.name, out.name, None, width, elem_type=tt.elem_type))
+            found.append(Score(out.name, out.name, None, width, elem_type=tt.elem_type,
+                               probability=_is_probability(out.name, producer)))
             continue
         node = producer.get(out.name)
         if node is not None and node.op_type == "ZipMap" and node.input:
@@ -140,7 +183,8 @@ def candidates(model: onnx.ModelProto) -> list[Score]:
                     if attr.name in ("classlabels_int64s", "classlabels_strings"):
                         width = len(attr.ints) or len(attr.strings) or None
             elem = vi.type.tensor_type.elem_type if vi is not None and vi.type.HasField("tensor_type") else 0
-            found.append(Score(out.name, node.input[0], None, width, elem_type=elem or onnx.TensorProto.FLOAT))
+            found.append(Score(out.name, node.input[0], None, width, elem_type=elem or onnx.TensorProto.FLOAT,
+                               probability=True))
     return found
 
 
@@ -178,7 +222,7 @@ def resolve_score(model: onnx.ModelProto, spec: str | None = None) -> Score:
         if column is not None and s.width is not None and not 0 <= column < s.width:
             raise OptionError(f"--score {text}: output '{name}' has {s.width} values per row; choose a column in "
                               f"0..{s.width - 1}")
-        return Score(s.output, s.tensor, column, s.width, column is not None, s.elem_type)
+        return Score(s.output, s.tensor, column, s.width, column is not None, s.elem_type, s.probability)
     if not found:
         raise ModelError(f"the model has no floating-point output to score (outputs: {_output_kinds(model)})")
     if len(found) > 1:
@@ -186,9 +230,8 @@ def resolve_score(model: onnx.ModelProto, spec: str | None = None) -> Score:
         raise OptionError(f"the model has {len(found)} floating-point outputs ({listed}); choose the one to score "
                           f"with --score NAME (or NAME:COL)")
     s = found[0]
-    if s.width is not None and s.width > 2:
-        raise OptionError(f"output '{s.output}' has {s.width} values per row; name the column to score with "
-                          f"--score {s.output}:COL (COL in 0..{s.width - 1})")
+    if s.width is not None and (s.width > 2 or (s.width == 2 and not s.probability)):
+        raise OptionError(_needs_column(s.output, s.width))
     return s
 
 

@@ -14,14 +14,15 @@ from typing import Any, Literal, Sequence
 
 from .capture import capture_metrics, data_spec, report_outputs
 from .data import open_table
-from .errors import OptionError
+from .errors import LayerError, OptionError
 from .esvd import esvd
 from .graph import LinearLayer
+from .guards import outputs_finite
 from .metrics import OutputMetrics
 from .modelio import load_model
 from .refits import RefitSpec
 from .pipeline import (RepairOptions, RepairResult, _apply_refit, _collect_refit, _patched, _prepare, _refit_note,
-                       repair, resolve_holdout)
+                       other_drifts, repair, resolve_holdout)
 
 #: The default grid of `sweep` and of `repair --max-ks` (the paper benchmark's grid).
 C1_GRID: tuple[float, ...] = (1, 5, 15, 50, 150)
@@ -42,15 +43,20 @@ BUDGET_LAMS: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0)
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """One setting and the repaired model's metrics on the holdout rows."""
+    """One setting and the repaired model's metrics on the holdout rows, or why the setting failed.
+
+    A failed setting (its weights were not finite or did not fit the model's dtype, or the repaired model's
+    output was NaN or infinite) has `metrics` None and `failed` the one-line reason; it is never Pareto-optimal
+    and never chosen by a budget."""
 
     c1: float
     c2: float
     refit: str
-    metrics: OutputMetrics
+    metrics: OutputMetrics | None
     pareto: bool = False
     layer: int | None = None  # index of the repaired layer (set when several layers were tried)
     spec: RefitSpec | None = None  # the refit with its knobs (var_gap, lam, tune)
+    failed: str | None = None
 
     @property
     def setting(self) -> RefitSpec:
@@ -59,13 +65,16 @@ class SweepPoint:
     def to_dict(self) -> dict[str, Any]:
         m = self.metrics
         return {"layer": self.layer, "c1": self.c1, "c2": self.c2, "refit": self.refit,
-                **{k: v for k, v in self.setting.to_dict().items() if k != "mode"}, "ks": m.ks,
-                "mean_gap": m.mean_gap, "mse": m.mse, "mae": m.mae, "pareto": self.pareto}
+                **{k: v for k, v in self.setting.to_dict().items() if k != "mode"},
+                "ks": None if m is None else m.ks, "mean_gap": None if m is None else m.mean_gap,
+                "mse": None if m is None else m.mse, "mae": None if m is None else m.mae, "pareto": self.pareto,
+                "failed": self.failed}
 
 
 @dataclass(frozen=True)
 class SweepResult:
-    """Every setting tried, in grid order, with the original model's metrics on the same rows."""
+    """Every setting tried, in grid order, with the original model's metrics on the same rows (failed settings
+    included, marked)."""
 
     layer: LinearLayer
     groups: tuple[str, str]
@@ -73,6 +82,11 @@ class SweepResult:
     points: tuple[SweepPoint, ...]
     report_rows: str
     warnings: tuple[str, ...]
+
+    @property
+    def measured(self) -> tuple[SweepPoint, ...]:
+        """The settings that did not fail."""
+        return tuple(p for p in self.points if p.metrics is not None)
 
     def to_dict(self) -> dict[str, Any]:
         return {"layer": self.layer.to_dict(), "groups": list(self.groups), "report_rows": self.report_rows,
@@ -86,12 +100,19 @@ def _cost(m: OutputMetrics) -> float:
 
 
 def pareto_flags(points: Sequence[tuple[float, float]]) -> list[bool]:
-    """True for the points no other point beats on both coordinates (lower is better on both)."""
+    """True for the points no other point beats on both coordinates (lower is better on both); a point with a
+    NaN coordinate (a failed setting) is never flagged and beats no other."""
     flags = []
     for i, (a, b) in enumerate(points):
-        dominated = any((x <= a and y <= b) and (x < a or y < b) for j, (x, y) in enumerate(points) if j != i)
+        dominated = any((x <= a and y <= b) and (x < a or y < b) for j, (x, y) in enumerate(points)
+                        if j != i and not (math.isnan(x) or math.isnan(y)))
         flags.append(not dominated and not (math.isnan(a) or math.isnan(b)))
     return flags
+
+
+def _reason(exc: LayerError) -> str:
+    """A failed setting's one-line reason (a sweep writes nothing, so the repair's "nothing was written" goes)."""
+    return str(exc).replace("; nothing was written", "")
 
 
 def _grid(values: Sequence[float] | None, default: Sequence[float], name: str) -> tuple[float, ...]:
@@ -127,7 +148,11 @@ def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequen
           progress: Any = None) -> SweepResult:
     """Fit every (c1, c2, refit setting) on the fit rows and measure each on the holdout rows (or on every row
     of `evaluate`). Refit settings: `refit` modes with the `var_gap` (moments) and `lam` (cdf, w2) lists, or
-    `refits` given directly."""
+    `refits` given directly.
+
+    A setting whose repair fails (non-finite weights, weights beyond the model's dtype, NaN or infinite outputs)
+    is kept as a failed point with the reason, and the sweep goes on; when every setting fails, the first
+    failure is raised (LayerError)."""
     c1s, c2s = _grid(c1, C1_GRID, "c1"), _grid(c2, C2_GRID, "c2")
     settings = tuple(refits) if refits else refit_settings(refit, var_gap, lam, tune_layers, ridge)
     holdout = resolve_holdout(holdout, evaluate)
@@ -138,28 +163,51 @@ def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequen
     prep = _prepare(load_model(model), open_table(data), layer, spec, holdout=holdout, batch_size=batch_size,
                     seed=seed, progress=progress, refits=tuple(r.mode for r in settings),
                     evaluate=None if evaluate is None else open_table(evaluate))
-    points: list[tuple[float, float, RefitSpec, OutputMetrics]] = []
+    points: list[tuple[float, float, RefitSpec, OutputMetrics | LayerError]] = []
     scored = any(not _refit_note(r.mode, prep) for r in settings)
+    distilled = any(o.how == "distilled" for o in prep.others)
     for a in c1s:
         for b in c2s:
-            patched = _patched(prep, esvd(prep.weight, prep.stats, c1=a, c2=b, eps=options.eps,
-                                          weights=weights).weight)
-            collected = None
+            try:
+                patched: Any = _patched(prep, esvd(prep.weight, prep.stats, c1=a, c2=b, eps=options.eps,
+                                                   weights=weights).weight)
+            except LayerError as exc:  # this (c1, c2)'s weight is not finite or does not fit the dtype
+                patched = exc
+            collected: Any = None
             for setting in settings:
-                model_m = patched
-                if not _refit_note(setting.mode, prep) or prep.others:
-                    if collected is None:  # one refit pass per patched layer, shared by the refit settings
-                        collected = _collect_refit(prep, patched, holdout, progress, scored=scored, specs=settings)
-                    model_m = patched.__class__()
-                    model_m.CopyFrom(patched)
-                    if collected is not None:
-                        _apply_refit(model_m, prep, collected, setting)
-                after = capture_metrics(prep.cap, prep.reader, report_outputs(
-                    model_m, prep.report_reader, prep.report_holdout, progress, prep.score), seed=seed)
+                try:
+                    if isinstance(patched, LayerError):
+                        raise patched
+                    model_m = patched
+                    if not _refit_note(setting.mode, prep) or prep.others:
+                        if collected is None:  # one refit pass per patched layer, shared by the refit settings
+                            try:
+                                collected = _collect_refit(prep, patched, holdout, progress, scored=scored,
+                                                           specs=settings)
+                            except LayerError as exc:
+                                collected = exc
+                        if isinstance(collected, LayerError):
+                            raise collected
+                        model_m = patched.__class__()
+                        model_m.CopyFrom(patched)
+                        if collected is not None:
+                            _apply_refit(model_m, prep, collected, setting)
+                    outputs = report_outputs(model_m, prep.report_reader, prep.report_holdout, progress, prep.score)
+                    outputs_finite(outputs, "the repaired model", prep.score.output, repaired=True)
+                    after: OutputMetrics | LayerError = capture_metrics(prep.cap, prep.reader, outputs, seed=seed)
+                    if distilled:  # refuse the setting as `repair` would
+                        other_drifts(prep, model_m, progress, max_drift)
+                except LayerError as exc:
+                    after = exc
                 points.append((a, b, setting, after))
-    flags = pareto_flags([(m.ks, _cost(m)) for *_rest, m in points])
+    failures = [m for *_rest, m in points if isinstance(m, LayerError)]
+    if len(failures) == len(points):
+        raise failures[0]
+    nan = float("nan")
+    flags = pareto_flags([(nan, nan) if isinstance(m, LayerError) else (m.ks, _cost(m)) for *_rest, m in points])
     return SweepResult(layer=prep.layer, groups=prep.reader.group_labels(), before=prep.before,
-                       points=tuple(SweepPoint(a, b, r.mode, m, f, prep.layer.index, r)
+                       points=tuple(SweepPoint(a, b, r.mode, None if isinstance(m, LayerError) else m, f,
+                                               prep.layer.index, r, _reason(m) if isinstance(m, LayerError) else None)
                                     for (a, b, r, m), f in zip(points, flags)),
                        report_rows=prep.report_rows, warnings=tuple(prep.notes))
 
@@ -178,6 +226,7 @@ class BudgetResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"budget": self.budget, "met": self.result is not None,
+                "failed": sum(p.metrics is None for p in self.sweep.points),
                 "winner": None if self.winner is None else self.winner.to_dict(),
                 "runner_up": None if self.runner_up is None else self.runner_up.to_dict(),
                 "closest": None if self.closest is None else self.closest.to_dict(),
@@ -220,8 +269,15 @@ def repair_within_budget(model: Any, data: Any, *, layer: int | str, group: str,
     sweep_kwargs = {k: v for k, v in kwargs.items() if k != "bootstrap"}
     if not refit:  # the refit decides far more than c1 and c2: search the refits at the given constants
         c1, c2 = c1 or (15.0,), c2 or (150.0,)
-    sweeps = [sweep(model, data, layer=lay, group=group, target=target, c1=c1, c2=c2, refits=settings,
-                    **sweep_kwargs) for lay in layers]
+    sweeps, failed = [], []
+    for lay in layers:
+        try:
+            sweeps.append(sweep(model, data, layer=lay, group=group, target=target, c1=c1, c2=c2, refits=settings,
+                                **sweep_kwargs))
+        except LayerError as exc:  # every setting failed at this layer; another layer may still do
+            failed.append(exc)
+    if not sweeps:
+        raise failed[0]
     result = sweeps[0] if len(sweeps) == 1 else SweepResult(
         layer=sweeps[0].layer, groups=sweeps[0].groups, before=sweeps[0].before,
         points=tuple(p for sw in sweeps for p in sw.points), report_rows=sweeps[0].report_rows,
@@ -231,9 +287,10 @@ def repair_within_budget(model: Any, data: Any, *, layer: int | str, group: str,
         values = p.metrics.to_dict()
         return max(max(values[k] - v, 0.0) / max(v, 1e-12) for k, v in budget.items())
 
-    feasible = sorted((p for p in result.points if excess(p) == 0.0), key=lambda p: (p.metrics.mse, p.c1 * p.c2))
+    measured = result.measured  # failed settings are never chosen
+    feasible = sorted((p for p in measured if excess(p) == 0.0), key=lambda p: (p.metrics.mse, p.c1 * p.c2))
     if not feasible:
-        closest = min(result.points, key=lambda p: (excess(p), p.metrics.mse))
+        closest = min(measured, key=lambda p: (excess(p), p.metrics.mse))
         return BudgetResult(None, None, None, closest, budget, result)
     winner = feasible[0]
     runner_up = feasible[1] if len(feasible) > 1 else None
@@ -267,6 +324,13 @@ def auto_layers(model: Any, data: Any, *, group: str, groups: Sequence[str] | No
     if len(mine) >= 2:
         ranked.append(mine[-2].layer.index)
     if not ranked:
+        shared = [a.layer for a in report.layers if a.layer.index not in own and not a.layer.is_final]
+        if shared:
+            raise OptionError(f"--layer auto found no layer to try: the layers before the final node of "
+                              f"{report.score} ({', '.join(f'{la.index} {la.name!r}' for la in shared)}) also feed "
+                              "other outputs, which a repair there would change; give --layer N to repair one of "
+                              "them anyway (the other outputs' own final nodes are then refitted back, within "
+                              "--max-drift)")
         raise OptionError("--layer auto found no layer worth repairing (the only linear node is a single-output "
                           "final node); give --layer")
     return list(dict.fromkeys(ranked))

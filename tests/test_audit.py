@@ -399,7 +399,7 @@ def test_toy_two_ranked_layers(tmp_path):
     x = np.vstack([rng.normal(size=(30, 3)), rng.normal(size=(30, 3)) * 1.5 + 0.4])
     groups = ["p"] * 30 + ["q"] * 30
     mpath, dpath = _write_toy(tmp_path, toy_model(w0, np.zeros(5), w1, np.zeros(2)), x, groups)
-    res = audit(mpath, dpath, group="grp")
+    res = audit(mpath, dpath, group="grp", score="y:1")  # two outputs of a Gemm, not probabilities: name one
     _assert_ranking(res.to_dict()["layers"])
     assert sorted(a.rank for a in res.layers) == [1, 2]
     best = max(res.layers, key=lambda a: a.score)

@@ -326,3 +326,52 @@ def test_dropna_skips_and_counts_rows_with_missing_values(tmp_path):
     ref = repair(two_head_model(), clean, layer="a1", group="g", score="a_hat", target="y")
     # row indices (and so the holdout split) stay those of the file, so compare the fit through the weights' shape
     assert res.rows.fit + res.rows.report == ref.rows.fit + ref.rows.report
+
+
+def two_target_model() -> onnx.ModelProto:
+    """tf2onnx's shape of a Keras Dense(2) regressor: x [N, 3] -> MatMul+Add(3->6) Relu -> MatMul+Add(6->2) ->
+    Identity -> 'Identity:0' [unk__0, 2]: two regression targets, not class probabilities."""
+    rng = np.random.default_rng(3)
+    inits = [_init("w0", rng.normal(size=(3, 6))), _init("b0", rng.normal(size=6)),
+             _init("w1", rng.normal(size=(6, 2))), _init("b1", rng.normal(size=2))]
+    nodes = [helper.make_node("MatMul", ["x:0", "w0"], ["m0"]), helper.make_node("Add", ["m0", "b0"], ["a0"]),
+             helper.make_node("Relu", ["a0"], ["r0"]), helper.make_node("MatMul", ["r0", "w1"], ["m1"]),
+             helper.make_node("Add", ["m1", "b1"], ["a1"]), helper.make_node("Identity", ["a1"], ["Identity:0"])]
+    graph = helper.make_graph(nodes, "keras", [helper.make_tensor_value_info("x:0", TensorProto.FLOAT, ["unk__0", 3])],
+                              [helper.make_tensor_value_info("Identity:0", TensorProto.FLOAT, ["unk__0", 2])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_two_column_regression_output_is_not_taken_for_probabilities():
+    """A Keras Dense(2) regressor's [N, 2] output was scored on column 1 as 'the positive class' (and its MSE taken
+    against the target) with exit 0; without Softmax/Sigmoid/classifier behind it, the column must be named."""
+    with pytest.raises(OptionError, match=r"'Identity:0' has 2 values per row and is not a class-probability output"
+                                          r".*--score Identity:0:COL"):
+        resolve_score(two_target_model())
+    s = resolve_score(two_target_model(), "Identity:0:0")
+    assert (s.output, s.pick(2)) == ("Identity:0", 0) and "positive class" not in s.describe()
+    assert resolve_score(two_target_model(), "Identity:0").pick  # the output's own name, ':0' and all
+    with pytest.raises(OptionError, match="not a class-probability output"):
+        resolve_score(two_target_model(), "Identity:0").pick(2)  # width known only at run time: same refusal
+    d = data()
+    m = measure(two_target_model(), {"x:0": d["x"], "g": d["g"]}, group="g", score="Identity:0:0")
+    y = run_named(two_target_model(), {"x:0": d["x"]}, "Identity:0")[:, 0]
+    assert m.metrics.ks == pytest.approx(ks_statistic(y[d["g"] == "a"], y[d["g"] == "b"]), abs=1e-12)
+
+
+def test_sigmoid_and_complement_concat_is_a_probability_output():
+    """scikit-learn's binary classifiers: Concat(1 - sigmoid(z), sigmoid(z)) keeps column 1 as the default."""
+    rng = np.random.default_rng(4)
+    inits = [_init("w0", rng.normal(size=(3, 1))), _init("one", [1.0])]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["z"]), helper.make_node("Sigmoid", ["z"], ["p"]),
+             helper.make_node("Sub", ["one", "p"], ["q"]), helper.make_node("Concat", ["q", "p"], ["probabilities"],
+                                                                            axis=1)]
+    graph = helper.make_graph(nodes, "lr", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 2])], inits)
+    s = resolve_score(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert s.pick(2) == 1 and "(the positive class)" in s.describe()
+
+
+def run_named(model, feeds, name):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run([name], feeds)[0]

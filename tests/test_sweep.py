@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from onnx import numpy_helper
 
 import onnx_esvd
-from conftest import assert_bad_input, invoke, CASES, LAW_GROUPS, copy_fixtures, dir_state
+from conftest import assert_bad_input, invoke, CASES, FIXTURES, LAW_GROUPS, copy_fixtures, dir_state
 from onnx_esvd import OptionError, repair
 
 sweep = onnx_esvd.sweep
@@ -643,3 +643,91 @@ def test_cli_budget_refuses_an_existing_output_before_searching(work, monkeypatc
     monkeypatch.setattr(sweep_mod, "_prepare", lambda *a, **k: pytest.fail("searched before checking -o"))
     assert_bad_input(invoke(*budget_args(work, "--max-ks", "0.2")), "out.onnx", "--force")
     assert dir_state(work) == state
+
+
+# ------------------------------------------------------------------------------------------------
+# a setting that fails is skipped and marked (issue 11's leftover)
+
+
+def _huge_target_csv(tmp_path):
+    """GEMM's data with a finite but huge target (1e200) in 39 rows: the `fair` refit's weight overflows float32,
+    while `--refit none` (no refit) still gives a model."""
+    lines = (FIXTURES / GEMM.data).read_text().splitlines()
+    col = lines[0].split(",").index("y")
+    for i in range(1, 40):
+        cells = lines[i].split(",")
+        cells[col] = "1e200"
+        lines[i] = ",".join(cells)
+    path = tmp_path / "huge.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on the 1e200 targets
+def test_sweep_skips_a_failing_setting_and_goes_on(tmp_path):
+    huge = _huge_target_csv(tmp_path)
+    res = onnx_esvd.sweep(GEMM.path, huge, evaluate=GEMM.data_path, c1=(1, 15), c2=(1,), refit=["none", "fair"],
+                          **gemm_kwargs())
+    assert [(p.c1, p.refit, p.metrics is None) for p in res.points] == \
+        [(1, "none", False), (1, "fair", True), (15, "none", False), (15, "fair", True)]
+    for p in res.points:
+        if p.metrics is None:
+            assert "beyond the largest float32" in p.failed and "nothing was written" not in p.failed
+            assert not p.pareto
+            d = p.to_dict()
+            assert d["failed"] == p.failed and d["ks"] is None and d["mse"] is None
+        else:
+            assert p.failed is None and p.to_dict()["failed"] is None
+    assert res.measured == (res.points[0], res.points[2])
+    alone = repair(GEMM.path, huge, evaluate=GEMM.data_path, c1=15, c2=1, refit="none", bootstrap=0, **gemm_kwargs())
+    assert_metrics_equal(res.points[2].metrics, alone.after)
+    expected = reference_pareto([(p.metrics.ks, p.metrics.mse) for p in res.measured])
+    assert [res.points[0].pareto, res.points[2].pareto] == expected
+
+
+def test_cli_sweep_marks_failed_settings_and_exits_2_only_when_all_fail(tmp_path):
+    huge = _huge_target_csv(tmp_path)
+    base = ["sweep", GEMM.path, "--layer", "1", "--data", huge, "--eval", GEMM.data_path, "--group", "g",
+            "--target", "y", "--c1", "1,15", "--c2", "1", "-q"]
+    text = invoke(*base, "--refit", "none,fair")
+    assert text.exit_code == 0, text.stderr
+    rows = [line.split() for line in text.stdout.splitlines() if line.split()[:1] in (["1"], ["15"])]
+    assert [r[2] for r in rows] == ["none", "fair", "none", "fair"]
+    assert [r[3] for r in rows[1::2]] == ["failed", "failed"] and all(0 <= float(r[3]) <= 1 for r in rows[::2])
+    assert "failed: 2 of 4 settings were skipped:" in text.stdout
+    assert "c1=15, c2=1, refit fair: the repair computed" in text.stdout
+    data = json.loads(invoke(*base, "--refit", "none,fair", "--json").stdout)
+    assert [p["failed"] is not None for p in data["points"]] == [False, True, False, True]
+    assert all(p["ks"] is None for p in data["points"] if p["failed"])
+    assert_bad_input(invoke(*base, "--refit", "fair"), "beyond the largest float32", "final node 'Gemm_2'")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on the 1e200 targets
+def test_budget_never_chooses_a_failed_setting(tmp_path):
+    huge = _huge_target_csv(tmp_path)
+    res = repair_within_budget(GEMM.path, huge, evaluate=GEMM.data_path, c1=(1, 15), c2=(1,), refit=["none", "fair"],
+                               max_ks=1.0, **gemm_kwargs())
+    assert res.winner is not None and res.winner.refit == "none" and res.result is not None
+    assert res.runner_up is not None and res.runner_up.refit == "none"
+
+
+def test_sweep_marks_settings_that_repair_would_refuse_for_another_outputs_drift():
+    """A Keras two-head model's shared layer: `sweep` listed settings that moved the other head by half its spread,
+    which `repair` with the same setting refuses (--max-drift); the sweep must mark them failed the same way."""
+    from test_score import data as two_head_data, two_head_model
+
+    model, d = two_head_model(), two_head_data(n=3000)
+    kwargs = dict(layer="body", group="g", score="a_hat", target="y", holdout=0.3, refit=["fair"])
+    res = onnx_esvd.sweep(model, d, c1=(1, 15), c2=(1, 150), **kwargs)
+    for p in res.points:
+        try:
+            repair(model, d, c1=p.c1, c2=p.c2, bootstrap=0, **{**kwargs, "refit": "fair"})
+            refused = None
+        except onnx_esvd.LayerError as exc:
+            refused = str(exc)
+        assert (p.failed is None) == (refused is None), (p.c1, p.c2, p.failed, refused)
+        if refused:
+            assert "output 'b_hat' would change" in p.failed and p.metrics is None
+    assert any(p.failed for p in res.points) and any(p.metrics for p in res.points)
+    loose = onnx_esvd.sweep(model, d, c1=(1, 15), c2=(1, 150), max_drift=10, **kwargs)
+    assert all(p.failed is None for p in loose.points)

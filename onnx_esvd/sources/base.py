@@ -73,6 +73,9 @@ class Table:
 
     name: str
     columns: tuple[str, ...]
+    #: columns that are a stored row index (a named pandas index in a Parquet file): read when named
+    #: (--group, --target, --features, NAME_j), never fed to a model input by position
+    index_columns: tuple[str, ...] = ()
 
     def batches(self, numeric: Sequence[str], batch_size: int, *, text: Sequence[str] = (),
                 keep: Keep | None = None, missing: Missing = "error") -> Iterator[Batch]:

@@ -3,8 +3,9 @@
 Accepted: `.csv`, `.txt` and suffix-less files (delimiter sniffed among `,` `;` tab `|` from the
 header and the next lines), `.tsv`/`.tab` (tab), each optionally compressed (`.gz`, `.bz2`, `.xz`;
 the magic bytes decide, so a gzip file named `.csv` reads too). A UTF-8 byte-order mark (Excel's
-"CSV UTF-8") and CRLF line endings are fine. Quoted fields may hold the delimiter, quotes ("") and
-newlines (a record then spans lines; messages name its first line).
+"CSV UTF-8") and CRLF line endings are fine, and so is the `sep=;` line Excel may put before the header
+(it names the delimiter). Quoted fields may hold the delimiter, quotes ("") and newlines (a record then
+spans lines; messages name its first line).
 
 Numbers parse with a decimal point only. A decimal comma ("1,5", common with `;` files) is refused
 with a message saying to export with a decimal point: "1,500" may mean 1.5 or 1500 depending on the
@@ -40,6 +41,7 @@ HEADER_LIMIT = 1 << 24  # a "header line" longer than this is not a header line
 SNIFF_LINES = 50
 MAX_RECORD_LINES = 100_000  # one quoted field spanning more lines than this is a broken quote
 _STREAM_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
+_SEP_LINE = re.compile(r'"?sep=([,;\t|])"?[,;\t|]*\r?\n?')  # Excel's delimiter hint before the header
 _DECIMAL_COMMA = re.compile(r"\s*[+-]?\d*,\d+([eE][+-]?\d+)?\s*")
 
 
@@ -72,6 +74,15 @@ class CsvTable(Table):
         sample = self._sample()
         if not sample or not sample[0].strip():
             raise DataError(f"{path}: the file is empty; give a CSV with a header line and data rows")
+        self.header_line = 1  # the header's line number
+        hint = _SEP_LINE.fullmatch(sample[0])
+        if hint is not None:  # Excel's `sep=;`: the delimiter, then the header on line 2
+            delimiter = delimiter or hint.group(1)
+            sample = sample[1:]
+            self.header_line = 2
+            if not sample or not sample[0].strip():
+                raise DataError(f"{path}: no header line after Excel's '{hint.group(0).strip()}' line; give a CSV "
+                                "with a header line and data rows")
         self.delimiter = delimiter or _sniff(sample)
         first = sample[0]
         try:
@@ -85,7 +96,9 @@ class CsvTable(Table):
         if all(_is_number(h) for h in header):
             raise DataError(f"{path}: the first line holds numbers, not column names; add a header line")
         if any(not h for h in header):
-            raise DataError(f"{path}: column {header.index('') + 1} of the header has no name; name every column")
+            where = header.index("")
+            hint = (" (pandas' to_csv writes the row index there: save with index=False)" if where == 0 else "")
+            raise DataError(f"{path}: column {where + 1} of the header has no name{hint}; name every column")
         dupes = sorted({h for h in header if header.count(h) > 1})
         if dupes:
             raise DataError(f"{path}: column '{dupes[0]}' appears twice in the header; make column names unique")
@@ -144,10 +157,11 @@ class CsvTable(Table):
         idx = [self.columns.index(c) for c in numeric]
         tidx = [self.columns.index(c) for c in text]
         start = 0  # index of the next data row (blank lines are not rows)
-        next_line = 2  # the header is line 1
+        next_line = self.header_line + 1
         try:
             f = self._text()
-            f.readline(HEADER_LIMIT)
+            for _ in range(self.header_line):
+                f.readline(HEADER_LIMIT)
         except (UnicodeDecodeError, *_STREAM_ERRORS) as exc:
             raise self._stream_error(exc) from None
         with f:
@@ -286,7 +300,9 @@ class CsvTable(Table):
                         if _DECIMAL_COMMA.fullmatch(value):
                             raise DataError(f"{where} holds '{value}', a decimal comma; export the file with a decimal "
                                             "point (1.5, not 1,5)") from None
-                        raise DataError(f"{where} holds '{raw[r, k]}', not a number; clean or drop that row") from None
+                        hint = ("; write a yes/no column as 1 and 0" if value.lower() in ("true", "false")
+                                else "; clean or drop that row")
+                        raise DataError(f"{where} holds '{raw[r, k]}', not a number{hint}") from None
                 raise
         return out
 

@@ -1,5 +1,8 @@
 """Columns held in memory (mappings of arrays, pandas DataFrames, pyarrow Tables) and batch readers.
 
+A DataFrame's named index levels (`df.set_index("race1")`) are columns too, read when asked for by name
+(--group, --target, --features) but never fed to a model by position, as in a Parquet file pandas wrote.
+
 Nothing is converted whole: each batch slices the columns it needs and converts only that slice
 (numbers to float64, text columns to str). pandas and pyarrow are never imported here; their objects
 are recognised by their type's module and handled with their own methods.
@@ -28,9 +31,15 @@ class _Frame:
         self.family = _family(obj)
         self.column_of: dict[str, tuple[Any, int | None]] = {}
         self.arrays: dict[Any, Any] = {}
+        self.index_names: list[str] = []  # a DataFrame's named index levels: read by name, never fed by position
         if self.family == "pandas":
             keys = list(obj.columns)
             self.arrays = {k: obj[k] for k in keys}
+            for level, name in enumerate(getattr(obj.index, "names", [])):
+                if name is not None and name not in self.arrays and str(name) not in map(str, keys):
+                    self.arrays[name] = obj.index.get_level_values(level).to_series()
+                    keys.append(name)
+                    self.index_names.append(str(name))
         elif self.family == "pyarrow":
             keys = list(obj.column_names)
             self.arrays = {k: obj.column(i) for i, k in enumerate(keys)}
@@ -166,6 +175,7 @@ class ArrayTable(Table):
         self.name = name
         self._frame = _Frame(data, name)
         self.columns = tuple(self._frame.column_of)
+        self.index_columns = tuple(self._frame.index_names)
         self.rows = self._frame.rows
 
     def _batches(self, numeric: list[str], text: list[str], batch_size: int,
@@ -188,7 +198,9 @@ class ReaderTable(Table):
         first = next(iter(it), None)
         if first is None:
             raise DataError(f"{name}: the reader yielded no batches")
-        self.columns = tuple(_Frame(first, name).column_of)
+        frame = _Frame(first, name)
+        self.columns = tuple(frame.column_of)
+        self.index_columns = tuple(frame.index_names)
 
     def _batches(self, numeric: list[str], text: list[str], batch_size: int,
                  keep: Keep | None) -> Iterator[Batch]:

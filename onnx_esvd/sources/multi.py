@@ -86,6 +86,7 @@ class ConcatTable(Table):
         self.name = name
         self.first_row = first_row
         self.columns = tuple(self.parts[0].columns)
+        self.index_columns = tuple(self.parts[0].index_columns)
         for part in self.parts[1:]:
             if tuple(part.columns) != self.columns:
                 raise DataError(f"{part.name}: its columns differ from {self.parts[0].name}'s "

@@ -1,12 +1,15 @@
 """Parquet files (`.parquet`, `.pq`), read batch by batch with pyarrow (an optional dependency).
 
 Only the requested columns are read, one record batch of at most `batch_size` rows at a time, so
-memory stays flat in the number of rows. Dictionary-encoded and string columns work as text; the
-index columns pandas stores with a DataFrame are not data columns.
+memory stays flat in the number of rows. Dictionary-encoded and string columns work as text. pandas
+stores a DataFrame's index too: an unnamed one (`__index_level_0__`, written after filtering rows) is not a
+data column; a named one (`df.set_index("race1")`) is read when a column of that name is asked for
+(--group, --target, --features), but never fed to a model by position.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,7 +29,7 @@ def _parquet() -> Any:
 
 
 class ParquetTable(Table):
-    """A Parquet file; columns in schema order (top-level fields, without pandas index columns)."""
+    """A Parquet file; columns in schema order (top-level fields, without pandas' unnamed index columns)."""
 
     def __init__(self, path: Path) -> None:
         pq = _parquet()
@@ -39,12 +42,13 @@ class ParquetTable(Table):
             pf.close()
         except Exception as exc:  # pyarrow raises ArrowInvalid / OSError subclasses for unreadable files
             raise DataError(f"{path}: not a readable Parquet file ({_first_line(exc)})") from None
-        index = set()
+        unnamed, named = set(), []
         meta = schema.pandas_metadata or {}
         for col in meta.get("index_columns", []):
-            if isinstance(col, str):
-                index.add(col)
-        names = [n for n in schema.names if n not in index]
+            if isinstance(col, str):  # a RangeIndex is stored as a dict of start/stop/step, not as a column
+                (unnamed.add(col) if re.fullmatch(r"__index_level_\d+__", col) else named.append(col))
+        names = [n for n in schema.names if n not in unnamed]
+        self.index_columns = tuple(c for c in named if c in names)
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise DataError(f"{path}: column '{dupes[0]}' appears twice; make column names unique")
