@@ -284,9 +284,11 @@ class RefitPartial:
 
 
 def pack(result: dict[str, Any]) -> bytes:
-    """One blob of a task's result {"rows": int, "layers": {index: LayerPartial}, "report": ReportPartial,
+    """One blob of a task's result {"rows": int, "counts": {"seen": {label: rows}, "skipped", "dropped"},
+    "layers": {index: LayerPartial}, "report": ReportPartial,
     "refit": RefitPartial} (any of them)."""
     head: dict[str, Any] = {"format": BUNDLE_FORMAT, "format_version": FORMAT_VERSION, "rows": result.get("rows"),
+                            "counts": result.get("counts"),
                             "layers": sorted(int(i) for i in result.get("layers", {}))}
     arrays = {f"layer{i}": np.frombuffer(p.to_bytes(), dtype=np.uint8) for i, p in result.get("layers", {}).items()}
     for key in ("report", "refit"):
@@ -299,7 +301,7 @@ def pack(result: dict[str, Any]) -> bytes:
 def unpack(blob: bytes, name: str = "<task result>") -> dict[str, Any]:
     """Inverse of `pack`."""
     head, a = _read_npz(bytes(blob), name, BUNDLE_FORMAT)
-    out: dict[str, Any] = {"rows": head.get("rows"), "layers": {}}
+    out: dict[str, Any] = {"rows": head.get("rows"), "counts": head.get("counts"), "layers": {}}
     for i in head["layers"]:
         out["layers"][int(i)] = LayerPartial.from_bytes(a[f"layer{i}"].tobytes(), name)
     if "report" in a:

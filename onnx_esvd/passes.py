@@ -232,7 +232,8 @@ def capture_map(runner: Runner, reader: Any, task: PassTask, model: Any, *, name
             np.concatenate(index) if index else np.zeros(0, dtype=np.int64),
             (np.concatenate(targets) if targets else np.zeros(0)) if task.spec.target else None,
             {}, width, ranges, name)
-        result["seen"] = {labels[c]: int(k) for c, k in enumerate(seen) if k}
+    result["counts"] = {"seen": {labels[c]: int(k) for c, k in enumerate(seen) if k},
+                        "skipped": int(reader.skipped), "dropped": int(reader.dropped)}
     return result
 
 

@@ -230,3 +230,48 @@ def layer_statistics(engine: Callable, data: Any, model: onnx.ModelProto, layer:
     if partial.rows == 0:
         raise DataError(f"{table.name}: no data rows")
     return partial
+
+
+def capture_remote(engine: Any, scheduler: Any, model: onnx.ModelProto, data: Any, spec: DataSpec, score: Any,
+                   layers: Sequence[Any] = (), *, batch_size: int = 4096, seed: int = 0,
+                   progress: Callable = lambda name, rows: None) -> tuple[RemoteRows, dict, Any]:
+    """Pass 1 of `audit`/`check` (every row; no holdout) on an engine's workers: (rows, {layer index:
+    LayerPartial}, OutputCollector of every row's scored output in group order). `engine`: "dask" or a callable."""
+    from types import SimpleNamespace
+
+    from .layer_pass import open_data
+
+    table = open_data(data)
+    inputs = plan_inputs(model, table, spec)
+    paths = data_files(table)
+    eng, close = engine_of(SimpleNamespace(engine=engine, scheduler=scheduler))
+    try:
+        offsets = file_offsets(eng, table, paths)
+        run = RemoteRun(eng, close, list(zip(paths, [int(x) for x in offsets])), table.name, model, spec, score,
+                        holdout=0.0, seed=seed, batch_size=batch_size)
+        results = run.map(run.task("capture", model=run.blob, layers=tuple(layers)))
+    finally:
+        close()
+    partials = {x.index: merge_all(r["layers"][x.index] for r in results) for x in layers}
+    report = _merge([r["report"] for r in results])
+    # row counts and groups: what every file's first pass saw
+    counted = LayerPartial({"layer": {"in_features": 0}}, name=table.name)
+    for r in results:
+        c = r["counts"]
+        for lab, n in c["seen"].items():
+            counted.seen[lab] = counted.seen.get(lab, 0) + n
+        counted.skipped += c["skipped"]
+        counted.dropped += c["dropped"]
+    counted.ranges = report.ranges if report.ranges else []
+    rows = RemoteRows(table.name, spec, seed, counted, inputs)
+    if counted.rows == 0 and not report.rows:
+        raise DataError(f"{table.name}: no data rows")
+    progress("capture", report.rows)
+    labels = rows.group_labels()
+    if rows.wanted is not None:
+        for label in rows.wanted:
+            if not counted.seen.get(label):
+                raise DataError(f"{table.name}: --groups value {label!r} is not in column '{spec.group}'")
+    collector = report.collector(labels)
+    collector.width = report.width
+    return rows, partials, collector
