@@ -40,7 +40,7 @@ def check_headers(a: dict, b: dict, what: str) -> None:
         if key in ("tool_version",):
             continue
         if a.get(key) != b.get(key):
-            raise DataError(f"{what}: the {key} differs (one has {_shown(a.get(key))}, the other has "
+            raise DataError(f"{what}: '{key}' differs (one has {_shown(a.get(key))}, the other has "
                             f"{_shown(b.get(key))})")
 
 
