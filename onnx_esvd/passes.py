@@ -51,7 +51,8 @@ class PassTask:
         finals: refit: the final nodes refitted; taught: indices of those whose target is the original model's
             output (the others' is the label column).
         chain: refit: the penalised refit's tuned chain (its first layer's input is sampled) or None.
-        sample: refit: (capacity, min rows kept per group) of the row sample, or None.
+        sample: refit: (capacity, min rows kept per group[, the whole data's level from pass 1's fit counts]) of
+            the row sample, or None.
         drift: report: other outputs whose change from the original model is measured.
         select: report: "report" (the report rows) or "all" (every row: --eval files, audit, check).
     """
@@ -70,7 +71,7 @@ class PassTask:
     finals: tuple = ()
     taught: tuple[int, ...] = ()
     chain: Any = None
-    sample: tuple[int, int] | None = None
+    sample: tuple[int, ...] | None = None
     drift: tuple[str, ...] = ()
     select: str = "report"
 
@@ -137,7 +138,7 @@ def pass_identity(task: PassTask, columns: dict, *, original: str, measured: str
             "holdout": float(task.holdout), "seed": int(task.seed), "dropna": bool(spec.dropna),
             "target": spec.target, "score": spec.score, "select": task.select, "labels": list(task.labels),
             "finals": [int(f.index) for f in task.finals], "taught": list(task.taught), "drift": list(task.drift),
-            "sample": None if task.sample is None else list(task.sample),
+            "sample": None if task.sample is None else list(task.sample[:2]),
             "chain": None if task.chain is None else [int(x.index) for x in task.chain.layers]}
 
 
@@ -322,6 +323,7 @@ def refit_map(task: PassTask, table: Any, *, name: str) -> RefitPartial:
     sample = None
     if task.sample is not None:
         sample = StratifiedSample(capacity=task.sample[0], min_keep_per_group=task.sample[1], seed=task.seed)
+        sample.cap = task.sample[2] if len(task.sample) > 2 else None  # the whole data's level: never keep more
     refit_batches(selected(reader, "fit", task.holdout, task.labels), runner, teacher, task.finals, taught, accs,
                   task.holdout, chain=task.chain, sample=sample, sampled=task.finals[0] if task.finals else None)
     head = pass_identity(task, columns_of(reader), original=_hash(task.original), measured=_hash(task.model))

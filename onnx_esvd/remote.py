@@ -101,6 +101,7 @@ class RemoteRun:
         self.engine, self._close, self.files, self.name = engine, close, files, name
         self.blob = original.SerializeToString()
         self.spec, self.score, self.holdout, self.seed, self.batch_size = spec, score, holdout, seed, batch_size
+        self.fit_counts: list[int] = []  # fit rows per group, from pass 1
 
     def close(self) -> None:
         self._close()
@@ -119,7 +120,12 @@ class RemoteRun:
     def refit(self, prep: Any, patched: onnx.ModelProto, plan: Any, holdout: float, progress: Callable) -> tuple:
         """Pass 2 on the workers: (refit accumulators by final node index, merged row sample or None)."""
         labels = tuple(prep.reader.group_labels())
-        sample = None if plan.sample is None else (plan.sample.capacity, plan.sample.min_keep)
+        sample = None
+        if plan.sample is not None:  # the level of the whole data (pass 1 counted the fit rows): shards keep no more
+            from .rowsample import water_level
+
+            level = water_level(self.fit_counts, plan.sample.capacity, plan.sample.min_keep)
+            sample = (plan.sample.capacity, plan.sample.min_keep, level)
         task = self.task("refit", model=patched.SerializeToString(), original=self.blob, labels=labels,
                          finals=tuple(plan.finals), taught=tuple(f.index for f in plan.taught), chain=plan.chain,
                          sample=sample)
@@ -172,6 +178,7 @@ def prepare_remote(loaded: Any, table: Any, layer_spec: int | str, spec: DataSpe
         results = run.map(run.task("capture", model=run.blob, layers=(layer,)))
         partial = merge_all(r["layers"][layer.index] for r in results)
         partial.name = table.name
+        run.fit_counts = [partial.fit_rows(lab) for lab in partial.seen]
         report = _merge([r["report"] for r in results])
     except BaseException:
         close()

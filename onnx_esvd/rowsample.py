@@ -91,9 +91,14 @@ class StratifiedSample:
     def seen(self) -> dict[int, int]:
         return dict(sorted(self._seen.items()))
 
+    #: An upper bound on the level known in advance (a shard given the whole data set's level): rows above it
+    #: could never be kept, so a shard ships at most that many rows per group. None: no bound.
+    cap: int | None = None
+
     def level(self) -> int:
         """Current per-group level L (rows kept per group that has more)."""
-        return water_level(list(self._seen.values()), self.capacity, self.min_keep)
+        level = water_level(list(self._seen.values()), self.capacity, self.min_keep)
+        return level if self.cap is None else min(level, int(self.cap))
 
     def add(self, x: np.ndarray, t: np.ndarray, group: np.ndarray, fold: np.ndarray | None = None,
             index: np.ndarray | None = None) -> None:

@@ -113,10 +113,12 @@ def test_refit_pass_over_shard_files_equals_the_one_process_pass(shard_dir):
     capacity, floor = 300, 40
     blob = model.SerializeToString()
     task = PassTask("refit", model=blob, original=blob, spec=spec, score=score, holdout=0.2, seed=3, labels=labels,
-                    finals=(final,), chain=chain, sample=(capacity, floor))
+                    finals=(final,), chain=chain, sample=(capacity, floor, 150))  # 150: the whole data's level
     table = open_table(str(shard_dir / "part-*"))
     offsets = table.file_offsets()
     results = [unpack(run_pass(task, part.path, first)) for part, first in zip(table.parts, offsets)]
+    for r in results:  # a shard ships no more than the whole data's level per group
+        assert all(len(index) <= 150 for _, _, index in r["refit"].sample.parts()[1].values())
     merged = results[0]["refit"]
     for r in results[1:]:
         merged = merged.merge(r["refit"])
