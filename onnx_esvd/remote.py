@@ -77,6 +77,15 @@ def data_files(table: Any) -> list[str]:
     return [os.fspath(p) for p in paths]
 
 
+def call(engine: Callable, task: PassTask, files: list[tuple[str, int]]) -> list:
+    """`engine(task, files)`, checked: one result (bytes) per file."""
+    blobs = list(engine(task, files))
+    if len(blobs) != len(files):
+        raise OptionError(f"the engine returned {len(blobs)} results for {len(files)} files; it must return one per "
+                          "file, in order")
+    return blobs
+
+
 def file_offsets(engine: Callable, table: Any, paths: list[str]) -> list[int]:
     """Each file's first global row: from the metadata where the file says it (Parquet, .npz), else counted by a
     "count" task on the workers."""
@@ -86,7 +95,7 @@ def file_offsets(engine: Callable, table: Any, paths: list[str]) -> list[int]:
     counts: list[Any] = [p.rows if isinstance(getattr(p, "rows", None), int) else None for p in parts]
     todo = [i for i, c in enumerate(counts) if c is None]
     if todo:
-        blobs = engine(PassTask("count"), [(paths[i], 0) for i in todo])
+        blobs = call(engine, PassTask("count"), [(paths[i], 0) for i in todo])
         for i, blob in zip(todo, blobs):
             counts[i] = int(unpack(blob, paths[i])["rows"])
     return table.set_row_counts(counts)[:-1]
@@ -111,10 +120,7 @@ class RemoteRun:
                         batch_size=self.batch_size, **kw)
 
     def map(self, task: PassTask) -> list[dict]:
-        blobs = self.engine(task, self.files)
-        if len(blobs) != len(self.files):
-            raise OptionError(f"the engine returned {len(blobs)} results for {len(self.files)} files; it must return "
-                              "one per file, in order")
+        blobs = call(self.engine, task, self.files)
         return [unpack(b, path) for b, (path, _) in zip(blobs, self.files)]
 
     def refit(self, prep: Any, patched: onnx.ModelProto, plan: Any, holdout: float, progress: Callable) -> tuple:
@@ -248,6 +254,8 @@ def capture_remote(engine: Any, scheduler: Any, model: onnx.ModelProto, data: An
 
     from .layer_pass import open_data
 
+    if not (engine == "dask" or callable(engine)):
+        raise OptionError(f"--engine {engine!r} is invalid; choose local or dask")
     table = open_data(data)
     inputs = plan_inputs(model, table, spec)
     paths = data_files(table)

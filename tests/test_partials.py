@@ -168,3 +168,19 @@ def test_refit_partials_of_different_runs_are_not_merged(shard_dir):
     with pytest.raises(DataError, match=r"not an onnx-esvd.pass-result file"):
         unpack(report.to_bytes())
     assert unpack(pack({"rows": 7}))["rows"] == 7
+
+
+def test_engine_errors_are_one_line_option_errors(shard_dir):
+    import onnx_esvd
+    from onnx_esvd.errors import OptionError
+
+    kw = dict(layer=-2, group="race1", groups=["white", "black"], target="ugpa", seed=3, refit="fair", bootstrap=0)
+    with pytest.raises(OptionError, match=r"the engine returned 0 results for 6 files"):
+        onnx_esvd.repair(MODEL, str(shard_dir / "part-*"), engine=lambda task, files: [], **kw)
+    rows = open_table(DATA)
+    arrays = {c: np.asarray(v) for c, v in zip(rows.columns, np.loadtxt(DATA, delimiter=",", skiprows=1,
+                                                                          dtype=str).T)}
+    with pytest.raises(OptionError, match=r"give files, a directory or a glob pattern, not in-memory data"):
+        onnx_esvd.repair(MODEL, arrays, engine=lambda task, files: [], **kw)
+    with pytest.raises(OptionError, match=r"--engine 'spark' is invalid; choose local or dask"):
+        onnx_esvd.check(MODEL, DATA, group="race1", target="ugpa", max_ks=0.5, engine="spark")
