@@ -54,7 +54,8 @@ class PassTask:
         sample: refit: (capacity, min rows kept per group[, the whole data's level from pass 1's fit counts]) of
             the row sample, or None.
         drift: report: other outputs whose change from the original model is measured.
-        select: report: "report" (the report rows) or "all" (every row: --eval files, audit, check).
+        select: report: "report" (the report rows), "all" (every row) or "eval" (every row of the `labels`
+            groups; the others skipped and counted: an --eval file measured on the calibration's groups).
     """
 
     kind: str
@@ -238,26 +239,31 @@ def capture_map(runner: Runner, reader: Any, task: PassTask, model: Any, *, name
     return result
 
 
-def _group_of(reader: Any, labels: Sequence[str]) -> np.ndarray:
-    """This file's label codes (so far) -> the run's group index (every label must be a group of the run)."""
+def _group_of(reader: Any, labels: Sequence[str], skip: bool = False) -> np.ndarray:
+    """This file's label codes (so far) -> the run's group index; a label that is not a group of the run is an
+    error, or with `skip` (an --eval file measured on the calibration's groups) group -1."""
     from .errors import DataError
 
     if reader.wanted is not None:
         return np.arange(len(reader.wanted), dtype=np.int64)
     extra = [lab for lab in reader.labels if lab not in labels]
+    if skip:
+        return np.array([list(labels).index(lab) if lab in labels else -1 for lab in reader.labels], dtype=np.int64)
     if extra:
         raise DataError(f"{reader.table.name}: group {extra[0]!r} is not among the groups the first pass found "
                         f"({', '.join(map(repr, labels))}); did the data change while it was read?")
     return np.array([list(labels).index(lab) for lab in reader.labels], dtype=np.int64)
 
 
-def selected(reader: Any, select: str, holdout: float, labels: Sequence[str]) -> Iterator[tuple[Any, np.ndarray]]:
+def selected(reader: Any, select: str, holdout: float, labels: Sequence[str],
+             skipped: list | None = None) -> Iterator[tuple[Any, np.ndarray]]:
     """One read of a file's rows of the compared groups: (Rows of `select` ("fit": u >= holdout, "report": u <
-    holdout or all with holdout 0, "all"), their group index in `labels` order) per batch."""
+    holdout or all with holdout 0, "all"; "eval": all, rows of labels not in `labels` skipped and counted in
+    `skipped[0]`), their group index in `labels` order) per batch."""
     from .capture import Rows
 
     for rows in reader(first_pass=True):
-        if select == "all" or (select == "report" and holdout <= 0):
+        if select in ("all", "eval") or (select == "report" and holdout <= 0):
             keep = None
         else:
             keep = rows.u >= holdout if select == "fit" else rows.u < holdout
@@ -265,7 +271,12 @@ def selected(reader: Any, select: str, holdout: float, labels: Sequence[str]) ->
                 continue
             if keep.all():
                 keep = None
-        group = _group_of(reader, labels)[rows.code]
+        group = _group_of(reader, labels, skip=select == "eval")[rows.code]
+        if select == "eval" and (group < 0).any():
+            skipped[0] += int((group < 0).sum())
+            keep = group >= 0
+            if not keep.any():
+                continue
         if keep is not None:
             rows = Rows({k: v[keep] for k, v in rows.feeds.items()}, rows.code[keep],
                         None if rows.target is None else rows.target[keep], rows.u[keep], rows.index[keep])
@@ -342,13 +353,17 @@ def report_map(task: PassTask, table: Any, *, name: str) -> ReportPartial:
     reader = open_rows(model, table, task.spec, batch_size=task.batch_size, seed=task.seed)
     sums = {x: np.zeros(5) for x in names}
     preds, codes, index, targets = [], [], [], []
-    select = "all" if task.select == "all" else "report"
+    select = task.select if task.select in ("all", "eval") else "report"
+    skipped = [0]
 
     def run(item: Any) -> tuple[dict, dict]:
         return runner.run(item[0].feeds), ({} if before is None else before.run(item[0].feeds))
 
-    for (rows, group), (out, old) in pipelined(selected(reader, select, task.holdout, task.labels), run):
+    width = None
+    for (rows, group), (out, old) in pipelined(selected(reader, select, task.holdout, task.labels, skipped), run):
         n = len(rows.code)
+        if width is None and n:
+            width = int(np.asarray(out[score.tensor]).reshape(n, -1).shape[1])
         preds.append(score.take(out[score.tensor], n))
         codes.append(group)
         index.append(rows.index)
@@ -372,4 +387,5 @@ def report_map(task: PassTask, table: Any, *, name: str) -> ReportPartial:
                          np.concatenate(codes).astype(np.int64) if codes else np.zeros(0, dtype=np.int64),
                          np.concatenate(index) if index else np.zeros(0, dtype=np.int64),
                          (np.concatenate(targets) if targets else np.zeros(0)) if task.spec.target else None,
-                         sums, None, _ranges(table, reader), name)
+                         sums, width, _ranges(table, reader), name, int(reader.skipped) + skipped[0],
+                         sorted(set(reader.labels) - set(task.labels)) if reader.wanted is None else [])

@@ -11,7 +11,6 @@ Passes over the data (each streamed in batches):
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -335,7 +334,8 @@ def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Dat
         from .remote import prepare_remote
 
         return prepare_remote(loaded, table, layer_spec, spec, holdout=holdout, batch_size=batch_size, seed=seed,
-                              progress=progress, refits=refits, bootstrap=bootstrap, layer_pass=layer_pass)
+                              progress=progress, refits=refits, bootstrap=bootstrap, layer_pass=layer_pass,
+                              evaluate=evaluate)
     original = loaded.model
     score = resolve_score(original, spec.score)
     found = find_layers(original, score.tensor)
@@ -411,8 +411,8 @@ class LayerPass:
         return self.stats is not None or self.engine != "local"
 
     def everywhere(self, evaluate: Any = None) -> bool:
-        """Every pass runs on the engine's workers (not with --eval: then only the layer pass does)."""
-        return self.stats is None and self.engine != "local" and evaluate is None
+        """Every pass runs on the engine's workers (with --eval: over its files too)."""
+        return self.stats is None and self.engine != "local"
 
     def group_stats(self, model: onnx.ModelProto, layer: LinearLayer, spec: DataSpec, reader: RowReader, *,
                     holdout: float, seed: int, batch_size: int, notes: list[str]) -> GroupStats:
@@ -422,19 +422,7 @@ class LayerPass:
 
             return layer_stats_for_repair(self.stats, model, layer, spec, holdout=holdout, seed=seed,
                                           columns=reader, labels=labels, notes=notes)[0]
-        if callable(self.engine):
-            from .remote import layer_statistics
-
-            notes.append("the layer pass ran on the engine's workers (one task per data file)")
-            return layer_statistics(self.engine, self.data, model, layer, spec, holdout=holdout, seed=seed,
-                                    batch_size=batch_size).to_group_stats(labels, notes)
-        from .engines.dask_engine import group_stats_dask
-
-        if not isinstance(self.data, (str, os.PathLike)):
-            raise OptionError("--engine dask reads data files on the workers: give --data a file, directory or glob")
-        notes.append("the layer pass ran on Dask workers (one task per data file)")
-        return group_stats_dask(model, self.data, layer, spec, holdout=holdout, seed=seed, labels=labels,
-                                notes=notes, batch_size=batch_size, scheduler=self.scheduler)
+        raise OptionError("internal: with an engine every pass runs on its workers (remote.prepare_remote)")
 
 
 def _check_refit(mode: str, layer: LinearLayer, final: LinearLayer | None, found: Any) -> None:

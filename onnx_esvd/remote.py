@@ -111,6 +111,7 @@ class RemoteRun:
         self.blob = original.SerializeToString()
         self.spec, self.score, self.holdout, self.seed, self.batch_size = spec, score, holdout, seed, batch_size
         self.fit_counts: list[int] = []  # fit rows per group, from pass 1
+        self.eval_run: RemoteRun | None = None  # the --eval files, where the report passes run instead
 
     def close(self) -> None:
         self._close()
@@ -142,9 +143,10 @@ class RemoteRun:
     def report(self, prep: Any, patched: onnx.ModelProto, names: Sequence[str], progress: Callable) -> tuple:
         """Pass 3 on the workers: (OutputCollector of the report rows, [OutputDrift] of `names`)."""
         labels = tuple(prep.reader.group_labels())
-        task = self.task("report", model=patched.SerializeToString(), original=self.blob, labels=labels,
-                         drift=tuple(names))
-        merged: ReportPartial = _merge([r["report"] for r in self.map(task)])
+        run = self.eval_run or self
+        task = run.task("report", model=patched.SerializeToString(), original=self.blob, labels=labels,
+                        drift=tuple(names), select="eval" if self.eval_run is not None else "report")
+        merged: ReportPartial = _merge([r["report"] for r in run.map(task)])
         progress("report", merged.rows)
         return merged.collector(labels), [OutputDrift(*d) for d in merged.drift_result(names)]
 
@@ -158,7 +160,7 @@ def _merge(partials: list) -> Any:
 
 def prepare_remote(loaded: Any, table: Any, layer_spec: int | str, spec: DataSpec, *, holdout: float,
                    batch_size: int, seed: int, progress: Callable, refits: Sequence[str], bootstrap: int,
-                   layer_pass: Any) -> Any:
+                   layer_pass: Any, evaluate: Any = None) -> Any:
     """`pipeline._prepare` with pass 1 on the engine's workers: the same `_Prepared`, whose `remote` runs the
     later passes there too."""
     from .graph import find_layers, read_weight, select_layer
@@ -176,16 +178,26 @@ def prepare_remote(loaded: Any, table: Any, layer_spec: int | str, spec: DataSpe
     others = other_outputs(original, found, layer, final, score)
     inputs = plan_inputs(original, table, spec)  # column errors here, once, before any task runs
     paths = data_files(table)
+    eval_inputs = None if evaluate is None else plan_inputs(original, evaluate, spec)
+    eval_paths = None if evaluate is None else data_files(evaluate)
     engine, close = engine_of(layer_pass)
     try:
         offsets = file_offsets(engine, table, paths)
         run = RemoteRun(engine, close, list(zip(paths, [int(x) for x in offsets])), table.name, original, spec, score,
                         holdout=holdout, seed=seed, batch_size=batch_size)
-        results = run.map(run.task("capture", model=run.blob, layers=(layer,)))
+        results = run.map(run.task("capture", model=run.blob, layers=(layer,), report=evaluate is None))
         partial = merge_all(r["layers"][layer.index] for r in results)
         partial.name = table.name
         run.fit_counts = [partial.fit_rows(lab) for lab in partial.seen]
-        report = _merge([r["report"] for r in results])
+        if evaluate is None:
+            report = _merge([r["report"] for r in results])
+        else:  # the report passes measure every row of the --eval files, on the calibration's groups
+            labels = RemoteRows(table.name, spec, seed, partial, inputs).group_labels()
+            run.eval_run = RemoteRun(engine, lambda: None, list(zip(eval_paths, [int(x) for x in file_offsets(
+                engine, evaluate, eval_paths)])), evaluate.name, original, spec, score, holdout=0.0, seed=seed,
+                batch_size=batch_size)
+            report = _merge([r["report"] for r in run.eval_run.map(run.eval_run.task(
+                "report", model=run.blob, original=run.blob, labels=tuple(labels), select="eval"))])
     except BaseException:
         close()
         raise
@@ -207,42 +219,32 @@ def prepare_remote(loaded: Any, table: Any, layer_spec: int | str, spec: DataSpe
         stats = partial.to_group_stats(list(labels), notes)
         stats_finite(stats, layer, table.name)
         cap = Capture(moments={}, report=report.collector(labels), width=report.width)
-        for inp in rows.by_position():
-            notes.append(f"{table.name}: no columns are named after model input '{inp.name}', so it was fed the "
-                         f"columns in file order ({', '.join(inp.columns)})")
+        report_rows = rows
+        if evaluate is not None:
+            report_rows = RemoteRows(evaluate.name, spec, seed, partial, eval_inputs)
+            report_rows.skipped, report_rows.other_labels = report.skipped, set(report.other_labels)
+            if report.skipped:
+                others_seen = ", ".join(sorted(repr(x) for x in report.other_labels))
+                notes.append(f"{report.skipped} rows of {evaluate.name} belong to no compared group ({others_seen}) "
+                             "and were not measured")
+        for r in ([rows] if evaluate is None else [rows, report_rows]):
+            for inp in r.by_position():
+                notes.append(f"{r.table.name}: no columns are named after model input '{inp.name}', so it was fed the "
+                             f"columns in file order ({', '.join(inp.columns)})")
         if rows.dropped:
             notes.append(f"{table.name}: {rows.dropped} rows with a missing value were skipped (--dropna)")
         notes.append(f"every pass ran on the engine's workers ({len(paths)} file{'s' if len(paths) != 1 else ''}, "
                      "one task each), merged here")
         if not cap.report.rows:
-            raise DataError(f"{table.name}: no rows were left for the report; lower --holdout or add rows")
+            where = table.name if evaluate is None else evaluate.name
+            raise DataError(f"{where}: no rows were left for the report; lower --holdout or add rows")
         outputs_finite(cap.report, str(loaded.path or "the model"), score.output)
         before = capture_metrics(cap, rows, bootstrap=bootstrap, seed=seed)
     except BaseException:
         close()
         raise
     return _Prepared(loaded, layer, final, spec, rows, cap, stats, read_weight(original, layer), before, notes, score,
-                     others, rows, holdout, remote=run)
-
-
-def layer_statistics(engine: Callable, data: Any, model: onnx.ModelProto, layer: Any, spec: DataSpec, *,
-                     holdout: float, seed: int, batch_size: int = 4096) -> LayerPartial:
-    """The layer pass alone over every file of `data` through `engine`, merged (a `LayerPartial`)."""
-    from .layer_pass import open_data
-    from .score import resolve_score
-
-    table = open_data(data)
-    plan_inputs(model, table, spec)
-    paths = data_files(table)
-    offsets = file_offsets(engine, table, paths)
-    run = RemoteRun(engine, lambda: None, list(zip(paths, [int(x) for x in offsets])), table.name, model, spec,
-                    resolve_score(model, spec.score), holdout=holdout, seed=seed, batch_size=batch_size)
-    partial = merge_all(r["layers"][layer.index] for r in run.map(run.task("capture", model=run.blob, layers=(layer,),
-                                                                            report=False)))
-    partial.name = table.name
-    if partial.rows == 0:
-        raise DataError(f"{table.name}: no data rows")
-    return partial
+                     others, report_rows, 0.0 if evaluate is not None else holdout, remote=run)
 
 
 def capture_remote(engine: Any, scheduler: Any, model: onnx.ModelProto, data: Any, spec: DataSpec, score: Any,

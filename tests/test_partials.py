@@ -184,3 +184,34 @@ def test_engine_errors_are_one_line_option_errors(shard_dir):
         onnx_esvd.repair(MODEL, arrays, engine=lambda task, files: [], **kw)
     with pytest.raises(OptionError, match=r"--engine 'spark' is invalid; choose local or dask"):
         onnx_esvd.check(MODEL, DATA, group="race1", target="ugpa", max_ks=0.5, engine="spark")
+
+
+def test_repair_with_eval_files_runs_every_pass_on_the_engine(tmp_path):
+    """--eval: the report passes measure the evaluation files on the workers, on the calibration's groups; rows of
+    a group the calibration did not have are skipped and counted as in one process."""
+    import onnx_esvd
+
+    lines = DATA.read_text().splitlines(keepends=True)
+    col = lines[0].strip().split(",").index("race1")
+    ev = lines[4001:]
+    cells = ev[10].rstrip("\n").split(",")
+    cells[col] = "martian"  # a group only the evaluation data has
+    ev[10] = ",".join(cells) + "\n"
+    (tmp_path / "cal.csv").write_text("".join(lines[:4001]))
+    (tmp_path / "ev.csv").write_text(lines[0] + "".join(ev))
+    for d, cuts in (("cal", (0, 1500, 3000)), ("ev", (0, 900))):
+        (tmp_path / d).mkdir()
+        _split_csv(tmp_path / f"{d}.csv", tmp_path / d, cuts=cuts)
+
+    def engine(task, files):
+        return [run_pass(task, p, r) for p, r in files]
+
+    kw = dict(layer=-2, group="race1", target="ugpa", seed=3, refit="fair", bootstrap=30,
+              evaluate=str(tmp_path / "ev" / "part-*"))
+    one = onnx_esvd.repair(MODEL, str(tmp_path / "cal" / "part-*"), **kw)
+    eng = onnx_esvd.repair(MODEL, str(tmp_path / "cal" / "part-*"), engine=engine, **kw)
+    assert eng.report_rows == "eval" and eng.rows == one.rows
+    assert weight_rel(eng.esvd.weight, one.esvd.weight) < 1e-9
+    assert (eng.before.ks, eng.after.ks, eng.after.intervals) == (one.before.ks, one.after.ks, one.after.intervals)
+    skipped = [w for w in one.warnings if "martian" in w]
+    assert skipped and skipped[0].startswith("1 rows of") and skipped[0] in eng.warnings
