@@ -48,6 +48,10 @@ SpillDirOpt = Annotated[Optional[Path], typer.Option("--spill-dir", help="Direct
                                                      "temporary directory; at most 4 GiB, then it re-parses).")]
 NoSpillOpt = Annotated[bool, typer.Option("--no-spill", help="Re-parse the CSV in every pass instead of spilling "
                                                              "parsed rows to a temporary file.")]
+EngineOpt = Annotated[str, typer.Option("--engine", metavar="local|dask", help="Where the passes run: this "
+                                        "process, or a Dask cluster (one task per data file, merged here).")]
+SchedulerOpt = Annotated[Optional[str], typer.Option("--scheduler", metavar="ADDRESS", help="--engine dask: an "
+                                                     "existing scheduler (default: a local cluster).")]
 
 
 def _spill(directory: Optional[Path], off: bool):
@@ -188,10 +192,8 @@ def repair(
     layer_stats: Annotated[Optional[Path], typer.Option(
         "--layer-stats", metavar="ALL.npz", help="Layer statistics from `capture`/`merge`, used instead of the "
                                                  "layer pass.")] = None,
-    engine: Annotated[str, typer.Option("--engine", metavar="local|dask", help="Where the layer pass runs: this "
-                                        "process, or a Dask cluster (one task per data file).")] = "local",
-    scheduler: Annotated[Optional[str], typer.Option("--scheduler", metavar="ADDRESS", help="--engine dask: an "
-                                                     "existing scheduler (default: a local cluster).")] = None,
+    engine: EngineOpt = "local",
+    scheduler: SchedulerOpt = None,
     ridge: RidgeOpt = "auto",
     holdout: HoldoutOpt = None,
     seed: SeedOpt = 0,
@@ -398,6 +400,8 @@ def audit(
     weights: WeightsOpt = "size",
     bootstrap: BootstrapOpt = 200,
     batch_size: BatchOpt = 4096,
+    engine: EngineOpt = "local",
+    scheduler: SchedulerOpt = None,
     spill_dir: SpillDirOpt = None,
     no_spill: NoSpillOpt = False,
     json_out: JsonOpt = False,
@@ -417,7 +421,7 @@ def audit(
             result = run_audit(model, data, group=group, groups=_split(groups), target=target,
                                features=_split(features), score=score, dropna=dropna, eps=eps, top=top,
                                weights=weights, bootstrap=bootstrap, batch_size=batch_size,
-                               progress=progress)
+                               progress=progress, **_engine(engine, scheduler))
         finally:
             progress.close()
         typer.echo(dumps(result.to_dict(), indent=2) if json_out else audit_report(result))
@@ -452,6 +456,8 @@ def check(
     junit: Annotated[Optional[str], typer.Option("--junit", metavar="PATH", help="Also write a JUnit XML "
                                                                                   "report there.")] = None,
     batch_size: BatchOpt = 4096,
+    engine: EngineOpt = "local",
+    scheduler: SchedulerOpt = None,
     spill_dir: SpillDirOpt = None,
     no_spill: NoSpillOpt = False,
     json_out: JsonOpt = False,
@@ -479,7 +485,7 @@ def check(
                                features=_split(features), score=score, dropna=dropna, max_ks=max_ks,
                                max_mean_gap=max_mean_gap, max_mse=max_mse, max_mae=max_mae, baseline=baseline,
                                max_ks_increase=max_ks_increase, confidence=confidence, bootstrap=bootstrap,
-                               seed=seed, batch_size=batch_size, progress=progress)
+                               seed=seed, batch_size=batch_size, progress=progress, **_engine(engine, scheduler))
         finally:
             progress.close()
         if junit is not None:
@@ -492,6 +498,17 @@ def check(
 from .shards import register as _register_shards  # noqa: E402 - `capture` and `merge` (issue 15)
 
 _register_shards(app)
+
+
+def _engine(engine: str, scheduler: Optional[str]) -> dict:
+    """--engine / --scheduler, checked."""
+    from onnx_esvd.errors import OptionError
+
+    if engine not in ("local", "dask"):
+        raise OptionError(f"--engine {engine!r} is invalid; choose local or dask")
+    if scheduler is not None and engine != "dask":
+        raise OptionError("--scheduler needs --engine dask")
+    return {"engine": engine, "scheduler": scheduler}
 
 
 def run() -> None:

@@ -295,6 +295,7 @@ class Rows:
     code: np.ndarray  # [n] int: label code (first-seen order)
     target: np.ndarray | None  # [n] float64
     u: np.ndarray  # [n] seeded uniform per row
+    index: np.ndarray | None = None  # [n] int64 global row index (what sharded passes key rows by)
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -533,7 +534,7 @@ class RowReader:
             j += len(inp.columns)
             feeds[inp.name] = feed_block(block, inp, None, where)
         target = values[:, j] if self.spec.target else None
-        return Rows(feeds, code, target, row_uniform_at(self.seed, index))
+        return Rows(feeds, code, target, row_uniform_at(self.seed, index), np.asarray(index, dtype=np.int64))
 
     def close(self) -> None:
         """Free the spill file now (it is freed anyway when the reader is garbage-collected)."""

@@ -77,7 +77,7 @@ class AuditResult:
 def audit(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = None, target: str | None = None,
           features: Sequence[str] | None = None, score: str | None = None, eps: float = 1e-5, top: int = 3,
           batch_size: int = 4096, dropna: bool = False, weights: str = "size", bootstrap: int = 200, seed: int = 0,
-          progress: Any = None) -> AuditResult:
+          progress: Any = None, engine: Any = "local", scheduler: Any = None) -> AuditResult:
     """Measure the scored output's metrics and the explainable-SVD view of every repairable layer it depends on,
     in one pass.
 
@@ -92,14 +92,32 @@ def audit(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = N
     scored = resolve_score(loaded.model, score)
     found = find_layers(loaded.model, scored.tensor)
     layers_in = [layer for layer in found.layers if layer.feeds_score]
-    reader = open_rows(loaded.model, data, spec, batch_size=batch_size)
-    cap = capture(loaded.model, layers_in, reader, 0.0, progress or (lambda name, rows: None), scored)
-    outputs_finite(cap.report, source_name(model), scored.output)
-    metrics = capture_metrics(cap, reader, bootstrap=bootstrap, seed=seed)
-    notes: list[str] = reader_notes(source_name(data), reader)
+    if engine != "local":  # the pass on the engine's workers (one task per file), merged here
+        from .remote import capture_remote
+
+        reader, partials, collector = capture_remote(engine, scheduler, loaded.model, data, spec, scored, layers_in,
+                                                     batch_size=batch_size, seed=seed,
+                                                     progress=progress or (lambda name, rows: None))
+        outputs_finite(collector, source_name(model), scored.output)
+        metrics = collector.result(reader.group_labels(), bootstrap=bootstrap, seed=seed)
+        width = collector.width
+        notes: list[str] = reader_notes(source_name(data), reader)
+
+        def stats_of(layer: LinearLayer) -> Any:
+            return partials[layer.index].to_group_stats(list(reader.group_labels()), notes)
+    else:
+        reader = open_rows(loaded.model, data, spec, batch_size=batch_size)
+        cap = capture(loaded.model, layers_in, reader, 0.0, progress or (lambda name, rows: None), scored)
+        outputs_finite(cap.report, source_name(model), scored.output)
+        metrics = capture_metrics(cap, reader, bootstrap=bootstrap, seed=seed)
+        width = cap.width
+        notes = reader_notes(source_name(data), reader)
+
+        def stats_of(layer: LinearLayer) -> Any:
+            return group_stats(cap, layer, reader, notes)
     views = []
     for layer in layers_in:
-        stats = group_stats(cap, layer, reader, notes)
+        stats = stats_of(layer)
         first, second = disparity_view(read_weight(loaded.model, layer), stats, eps=eps, top=top, weights=weights)
         views.append((layer, first, second, first.relative + second.relative))
     # A single-output final node cannot be usefully repaired: W S has one singular value, so the repair
@@ -109,7 +127,7 @@ def audit(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = N
     rank = {i: r + 1 for r, i in enumerate(order)}
     layers = tuple(LayerAudit(layer, first, second, score, rank.get(i))
                    for i, (layer, first, second, score) in enumerate(views))
-    return AuditResult(score=scored.describe(cap.width), model=source_name(model), data=source_name(data),
+    return AuditResult(score=scored.describe(width), model=source_name(model), data=source_name(data),
                        groups=reader.group_labels(),
                        rows=reader.total, skipped=reader.skipped, metrics=metrics, layers=layers,
                        refused=dict(found.refused), top=top, eps=float(eps), warnings=tuple(dict.fromkeys(notes)),

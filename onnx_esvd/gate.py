@@ -132,11 +132,23 @@ class CheckResult:
 
 def measure(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = None, target: str | None = None,
             features: Sequence[str] | None = None, score: str | None = None, batch_size: int = 4096,
-            dropna: bool = False, bootstrap: int = 0, seed: int = 0, progress: Progress | None = None) -> Measured:
-    """Run the model over every row of the two groups and compute the scored output's metrics."""
+            dropna: bool = False, bootstrap: int = 0, seed: int = 0, progress: Progress | None = None,
+            engine: Any = "local", scheduler: Any = None) -> Measured:
+    """Run the model over every row of the two groups and compute the scored output's metrics. `engine`: "local",
+    "dask" (one task per data file on a Dask cluster; `scheduler` an address or Client) or an engine callable
+    (see `passes.Engine`)."""
     spec = data_spec(group, groups, target, features, score, dropna)
     loaded = load_model(model)
     scored = resolve_score(loaded.model, score)
+    if engine != "local":
+        from .remote import capture_remote
+
+        rows, _, collector = capture_remote(engine, scheduler, loaded.model, data, spec, scored, batch_size=batch_size,
+                                            seed=seed, progress=progress or (lambda name, n: None))
+        outputs_finite(collector, source_name(model), scored.output)
+        metrics = collector.result(rows.group_labels(), bootstrap=bootstrap, seed=seed)
+        return Measured(metrics, rows.group_labels(), rows.total, rows.skipped, scored.describe(collector.width),
+                        spec.group, tuple(reader_notes(source_name(data), rows)))
     reader = open_rows(loaded.model, data, spec, batch_size=batch_size)
     cap = capture(loaded.model, [], reader, 0.0, progress or (lambda name, rows: None), scored)
     check_groups_present(cap, reader)
@@ -151,7 +163,7 @@ def check(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = N
           max_mean_gap: float | None = None, max_mse: float | None = None, max_mae: float | None = None,
           baseline: Any = None, max_ks_increase: float | None = None, confidence: str = "point",
           bootstrap: int = 200, seed: int = 0, batch_size: int = 4096, dropna: bool = False,
-          progress: Progress | None = None) -> CheckResult:
+          progress: Progress | None = None, engine: Any = "local", scheduler: Any = None) -> CheckResult:
     """Measure the model on the data and compare each metric with its threshold (value <= threshold passes).
 
     At least one threshold is required; `max_mse` and `max_mae` need a `target` column. With
@@ -179,7 +191,8 @@ def check(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = N
         raise OptionError("--confidence upper compares the upper end of the bootstrap interval: give --bootstrap N "
                           "with N > 0")
     options = dict(group=group, groups=groups, target=target, features=features, score=score,
-                   batch_size=batch_size, dropna=dropna, bootstrap=bootstrap, seed=seed)
+                   batch_size=batch_size, dropna=dropna, bootstrap=bootstrap, seed=seed, engine=engine,
+                   scheduler=scheduler)
     measured = measure(model, data, progress=progress, **options)
     base = measure(baseline, data, progress=progress, **options) if baseline is not None else None
     values = measured.metrics.to_dict()

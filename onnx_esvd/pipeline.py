@@ -11,7 +11,6 @@ Passes over the data (each streamed in batches):
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -313,6 +312,7 @@ class _Prepared:
     others: list[OtherOutput]
     report_reader: RowReader  # where before/after are measured: the calibration's holdout, or the --eval file
     report_holdout: float
+    remote: Any = None  # remote.RemoteRun when every pass runs on an engine's workers
 
     @property
     def report_rows(self) -> str:
@@ -330,6 +330,12 @@ def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Dat
              evaluate: Table | None = None, bootstrap: int = 0, layer_pass: LayerPass | None = None) -> _Prepared:
     """Pass 1: find the scored output and the layers, read the data, capture the layer's statistics and the
     report rows. Everything that can be refused from the model alone is refused before any data is read."""
+    if layer_pass is not None and layer_pass.everywhere(evaluate):
+        from .remote import prepare_remote
+
+        return prepare_remote(loaded, table, layer_spec, spec, holdout=holdout, batch_size=batch_size, seed=seed,
+                              progress=progress, refits=refits, bootstrap=bootstrap, layer_pass=layer_pass,
+                              evaluate=evaluate)
     original = loaded.model
     score = resolve_score(original, spec.score)
     found = find_layers(original, score.tensor)
@@ -391,14 +397,18 @@ class LayerPass:
     data: Any = None
 
     def __post_init__(self) -> None:
-        if self.engine not in ("local", "dask"):
+        if not (self.engine in ("local", "dask") or callable(self.engine)):
             raise OptionError(f"--engine {self.engine!r} is invalid; choose local or dask")
         if self.stats is not None and self.engine != "local":
             raise OptionError("--layer-stats and --engine dask are alternatives: the statistics are already computed")
 
     @property
     def elsewhere(self) -> bool:
-        return self.stats is not None or self.engine == "dask"
+        return self.stats is not None or self.engine != "local"
+
+    def everywhere(self, evaluate: Any = None) -> bool:
+        """Every pass runs on the engine's workers (with --eval: over its files too)."""
+        return self.stats is None and self.engine != "local"
 
     def group_stats(self, model: onnx.ModelProto, layer: LinearLayer, spec: DataSpec, reader: RowReader, *,
                     holdout: float, seed: int, batch_size: int, notes: list[str]) -> GroupStats:
@@ -408,13 +418,7 @@ class LayerPass:
 
             return layer_stats_for_repair(self.stats, model, layer, spec, holdout=holdout, seed=seed,
                                           columns=reader, labels=labels, notes=notes)[0]
-        from .engines.dask_engine import group_stats_dask
-
-        if not isinstance(self.data, (str, os.PathLike)):
-            raise OptionError("--engine dask reads data files on the workers: give --data a file, directory or glob")
-        notes.append("the layer pass ran on Dask workers (one task per data file)")
-        return group_stats_dask(model, self.data, layer, spec, holdout=holdout, seed=seed, labels=labels,
-                                notes=notes, batch_size=batch_size, scheduler=self.scheduler)
+        raise OptionError("internal: with an engine every pass runs on its workers (remote.prepare_remote)")
 
 
 def _check_refit(mode: str, layer: LinearLayer, final: LinearLayer | None, found: Any) -> None:
@@ -454,6 +458,14 @@ def _repair(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Data
     prep = _prepare(loaded, table, layer_spec, spec, holdout=options.holdout, batch_size=options.batch_size,
                     seed=options.seed, progress=progress, refits=(options.refit,), evaluate=evaluate,
                     bootstrap=options.bootstrap, layer_pass=layer_pass)
+    try:
+        return _repair_prepared(prep, options, progress)
+    finally:
+        if prep.remote is not None:
+            prep.remote.close()
+
+
+def _repair_prepared(prep: _Prepared, options: RepairOptions, progress: Progress) -> RepairResult:
     chosen = options.resolved(prep.final)
     if options.refit == "auto" and chosen.refit != DEFAULT_REFIT and prep.final is not None:
         prep.notes.append(f"the default refit ({DEFAULT_REFIT}) needs a final node with one output; "
@@ -474,10 +486,15 @@ def _finish(prep: _Prepared, patched: onnx.ModelProto, result: EsvdResult, refit
             options: RepairOptions, progress: Progress, penalty: Any = None) -> RepairResult:
     """Pass 3 (the report of the repaired model), the result and its metadata record."""
     reader, rr, h = prep.reader, prep.report_reader, prep.report_holdout
-    after_values = report_outputs(patched, rr, h, progress, prep.score)
+    names = [o.name for o in prep.others]
+    if prep.remote is not None:
+        after_values, raw = prep.remote.report(prep, patched, names, progress)
+    else:
+        after_values = report_outputs(patched, rr, h, progress, prep.score)
+        raw = None  # measured by other_drifts on the report rows
     outputs_finite(after_values, "the repaired model", prep.score.output, repaired=True)
     after = capture_metrics(prep.cap, reader, after_values, bootstrap=options.bootstrap, seed=options.seed)
-    drifts = other_drifts(prep, patched, progress, options.max_drift)
+    drifts = other_drifts(prep, patched, progress, options.max_drift, raw)
     notes = list(prep.notes)
     for o, drift in zip(prep.others, drifts):
         if o.how == "derived":
@@ -499,14 +516,16 @@ def _finish(prep: _Prepared, patched: onnx.ModelProto, result: EsvdResult, refit
     return res
 
 
-def other_drifts(prep: _Prepared, patched: onnx.ModelProto, progress: Progress, max_drift: float
-                 ) -> tuple[OutputDrift, ...]:
-    """How far each other output the repaired node feeds moved on the report rows; raises LayerError when a
-    distilled one moved by more than `max_drift` of its spread."""
+def other_drifts(prep: _Prepared, patched: onnx.ModelProto, progress: Progress, max_drift: float,
+                 raw: Sequence[OutputDrift] | None = None) -> tuple[OutputDrift, ...]:
+    """How far each other output the repaired node feeds moved on the report rows (`raw`: already measured, e.g.
+    on an engine's workers); raises LayerError when a distilled one moved by more than `max_drift` of its spread."""
     if not prep.others:
         return ()
-    drifts = tuple(dataclasses.replace(d, how=o.how) for o, d in zip(prep.others, output_drift(
-        prep.original, patched, prep.report_reader, prep.report_holdout, [o.name for o in prep.others], progress)))
+    if raw is None:
+        raw = output_drift(prep.original, patched, prep.report_reader, prep.report_holdout,
+                           [o.name for o in prep.others], progress)
+    drifts = tuple(dataclasses.replace(d, how=o.how) for o, d in zip(prep.others, raw))
     for o, drift in zip(prep.others, drifts):
         if o.how == "distilled" and not drift.relative <= max_drift:
             raise LayerError(f"output '{o.name}' would change: after refitting its final node '{o.final.name}' to its "
@@ -541,12 +560,21 @@ def _refit_target_is_label(prep: _Prepared) -> bool:
             and output_path_is_value_preserving(prep.original, final, prep.score.tensor))
 
 
-def _collect_refit(prep: _Prepared, patched: onnx.ModelProto, holdout: float, progress: Progress, *,
-                   scored: bool = True, specs: Sequence[RefitSpec] = ()) -> _RefitData | None:
-    """Pass 2: stream the patched model's final-node inputs (and the targets) into refit moments: the scored
-    final node's (when `scored`) and those of other outputs' final nodes that are distilled; for a penalised
-    refit among `specs`, also a group-stratified sample of the tuned chain's input rows."""
-    original, reader = prep.original, prep.reader
+@dataclass
+class _RefitPlan:
+    """What pass 2 fetches: the final nodes refitted (the scored one first when `scored`), those whose target is
+    the original model's output (`taught`), and the penalised refit's tuned chain and row sample."""
+
+    finals: list
+    taught: list
+    use_label: bool
+    scored: bool
+    chain: Any = None
+    sample: Any = None
+
+
+def _refit_plan(prep: _Prepared, scored: bool, specs: Sequence[RefitSpec]) -> _RefitPlan | None:
+    original = prep.original
     finals = ([prep.final] if scored else []) + [o.final for o in prep.others if o.how == "distilled"]
     if not finals:
         return None
@@ -567,47 +595,46 @@ def _collect_refit(prep: _Prepared, patched: onnx.ModelProto, holdout: float, pr
         if final.bias is None and _has_unwritable_bias(original, final):
             raise LayerError(f"final node '{final.name}' has a bias C that the refit cannot rewrite (computed at run "
                              "time, or one value broadcast to several outputs); use --refit none")
-    k = len(reader.group_labels())
-    accs = {f.index: refit_mod.RefitAccumulator(f.in_features, f.out_features, k) for f in finals}
-    fetch = [(f.input, f.elem_type) for f in finals]
-    if chain is not None:
-        fetch.append((chain.input, chain.layers[0].elem_type))
-    runner = Runner(with_outputs(patched, fetch), list(dict.fromkeys(name for name, _ in fetch)))
     taught = [f for f in finals if not (use_label and f.index == prep.final.index)]
-    teacher = (Runner(with_outputs(original, [(f.output, f.elem_type) for f in taught]),
-                      list(dict.fromkeys(f.output for f in taught))) if taught else None)
-    group_of = reader.group_of_code()
-    h = holdout
-    done = 0
+    return _RefitPlan(finals, taught, use_label, scored, chain, sample)
 
-    def run(rows: Rows) -> tuple[dict, dict]:
-        return runner.run(rows.feeds), ({} if teacher is None else teacher.run(rows.feeds))
 
-    for rows, (z_out, t_out) in pipelined(reader(select="fit", holdout=h), run):
-        n = len(rows.code)
-        in_val = (rows.u - h) / (1.0 - h) < refit_mod.RIDGE_VALIDATION_SHARE
-        code = group_of[rows.code]
-        for f in finals:
-            z = as_rows(z_out[f.input], n, f"input '{f.input}' of the final node")
-            if z.shape[1] != f.in_features:
-                raise LayerError(f"final node '{f.name}' receives '{f.input}' with {z.shape[1]} columns per row; "
-                                 f"only inputs of shape [rows, {f.in_features}] can be refitted (use --refit none)")
-            if f in taught:
-                t = as_rows(t_out[f.output], n, f"output '{f.output}' of node '{f.name}'")
-            else:
-                t = rows.target.reshape(n, 1)
-            accs[f.index].add(z, t, code, in_val)
-            if sample is not None and f is prep.final:
-                x = layer_rows(np.asarray(z_out[chain.input]), n, chain.layers[0]) if chain.input != f.input else z
-                sample.add(x, t, code)
-        done += n
-        progress("refit", done)
-    runner.close()
-    if teacher is not None:
-        teacher.close()
-    return _RefitData(accs[prep.final.index] if scored else None, "label" if use_label else "distillation",
-                      {f.index: accs[f.index] for f in finals if not (scored and f.index == prep.final.index)},
-                      sample, chain)
+def _collect_refit(prep: _Prepared, patched: onnx.ModelProto, holdout: float, progress: Progress, *,
+                   scored: bool = True, specs: Sequence[RefitSpec] = ()) -> _RefitData | None:
+    """Pass 2: stream the patched model's final-node inputs (and the targets) into refit moments: the scored
+    final node's (when `scored`) and those of other outputs' final nodes that are distilled; for a penalised
+    refit among `specs`, also a group-stratified sample of the tuned chain's input rows."""
+    plan = _refit_plan(prep, scored, specs)
+    if plan is None:
+        return None
+    if prep.remote is not None:
+        accs, sample = prep.remote.refit(prep, patched, plan, holdout, progress)
+    else:
+        from .passes import refit_batches
+
+        original, reader = prep.original, prep.reader
+        finals, chain = plan.finals, plan.chain
+        k = len(reader.group_labels())
+        accs = {f.index: refit_mod.RefitAccumulator(f.in_features, f.out_features, k) for f in finals}
+        fetch = [(f.input, f.elem_type) for f in finals]
+        if chain is not None:
+            fetch.append((chain.input, chain.layers[0].elem_type))
+        runner = Runner(with_outputs(patched, fetch), list(dict.fromkeys(name for name, _ in fetch)))
+        teacher = (Runner(with_outputs(original, [(f.output, f.elem_type) for f in plan.taught]),
+                          list(dict.fromkeys(f.output for f in plan.taught))) if plan.taught else None)
+        group_of = reader.group_of_code()
+        batches = ((rows, group_of[rows.code]) for rows in reader(select="fit", holdout=holdout))
+        sample = plan.sample
+        try:
+            refit_batches(batches, runner, teacher, finals, plan.taught, accs, holdout, chain=chain, sample=sample,
+                          sampled=prep.final if scored else None, progress=progress)
+        finally:
+            runner.close()
+            if teacher is not None:
+                teacher.close()
+    return _RefitData(accs[prep.final.index] if scored else None, "label" if plan.use_label else "distillation",
+                      {f.index: accs[f.index] for f in plan.finals if not (scored and f.index == prep.final.index)},
+                      sample, plan.chain)
 
 
 def _apply_refit(patched: onnx.ModelProto, prep: _Prepared, data: _RefitData, spec: RefitSpec

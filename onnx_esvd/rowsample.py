@@ -91,12 +91,20 @@ class StratifiedSample:
     def seen(self) -> dict[int, int]:
         return dict(sorted(self._seen.items()))
 
+    #: An upper bound on the level known in advance (a shard given the whole data set's level): rows above it
+    #: could never be kept, so a shard ships at most that many rows per group. None: no bound.
+    cap: int | None = None
+
     def level(self) -> int:
         """Current per-group level L (rows kept per group that has more)."""
-        return water_level(list(self._seen.values()), self.capacity, self.min_keep)
+        level = water_level(list(self._seen.values()), self.capacity, self.min_keep)
+        return level if self.cap is None else min(level, int(self.cap))
 
-    def add(self, x: np.ndarray, t: np.ndarray, group: np.ndarray, fold: np.ndarray | None = None) -> None:
-        """Add a batch: `x: [n, p]`, `t: [n, m]` (or [n]), `group: [n]` int codes, `fold: [n]` int or None."""
+    def add(self, x: np.ndarray, t: np.ndarray, group: np.ndarray, fold: np.ndarray | None = None,
+            index: np.ndarray | None = None) -> None:
+        """Add a batch: `x: [n, p]`, `t: [n, m]` (or [n]), `group: [n]` int codes, `fold: [n]` int or None,
+        `index: [n]` the rows' global indices (increasing; default: their position in this stream). With global
+        indices, samples of disjoint shards `merge` into exactly the sample of all their rows."""
         x = np.asarray(x)
         n = x.shape[0]
         t = np.asarray(t, dtype=np.float64).reshape(n, -1)
@@ -113,7 +121,12 @@ class StratifiedSample:
         if (x.shape[1], t.shape[1]) != self._width:
             raise DataError(f"batch widths {(x.shape[1], t.shape[1])} differ from the first batch's {self._width}")
         fold = None if fold is None else np.asarray(fold, dtype=np.int64).ravel()
-        index = np.arange(self._rows, self._rows + n, dtype=np.int64)
+        if index is None:
+            index = np.arange(self._rows, self._rows + n, dtype=np.int64)
+        else:
+            index = np.asarray(index, dtype=np.int64).ravel()
+            if index.shape[0] != n:
+                raise DataError(f"batch has {n} rows of x but {index.shape[0]} row indices")
         self._rows += n
         prio = row_priority(index, self.seed)
         codes, inverse = np.unique(group, return_inverse=True)
@@ -155,3 +168,52 @@ class StratifiedSample:
         return RowSample(x=np.concatenate([p[0] for p in parts])[order], t=np.concatenate([p[1] for p in parts])[order],
                          group=group[order], fold=fold, index=index[order], weight=weight[order],
                          seen={c: self._seen[c] for c in codes}, kept=kept)
+
+    # -- sharding: kept rows depend only on (seed, global row index), so disjoint shards merge exactly --------
+
+    def parts(self) -> tuple[dict[int, int], dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+        """(seen per group code, {code: (x [n, p], t [n, m] float64, index [n] int64)}) after trimming every group to
+        the current level: what a shard's sample must keep for `merge`. Samples with fold ids have no parts."""
+        if self._has_fold:
+            raise DataError("a sample with fold ids cannot be sharded")
+        level = self.level()
+        for code in self._chunks:
+            self._trim(code, level)
+        return dict(self._seen), {c: (ch[0][0], ch[0][1], ch[0][3]) for c, ch in self._chunks.items()}
+
+    @classmethod
+    def from_parts(cls, capacity: int, min_keep_per_group: int, seed: int, seen: dict[int, int],
+                   parts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> "StratifiedSample":
+        """A sample holding `parts` (see `parts`); the priorities are recomputed from (seed, index)."""
+        out = cls(capacity, min_keep_per_group, seed)
+        for code, (x, t, index) in parts.items():
+            index = np.asarray(index, dtype=np.int64)
+            out._chunks[int(code)] = [(x, np.asarray(t, dtype=np.float64), None, index, row_priority(index, out.seed))]
+            out._buffered[int(code)] = index.size
+            out._has_fold, out._width = False, (x.shape[1], t.shape[1])
+        out._seen = {int(c): int(n) for c, n in seen.items()}
+        out._rows = sum(out._seen.values())
+        return out
+
+    def merge(self, other: "StratifiedSample") -> "StratifiedSample":
+        """The sample of both shards' rows (disjoint global row indices): the union of the kept rows trimmed to
+        the water level of the summed counts, which is exactly the sample one stream of all rows keeps."""
+        if (self.capacity, self.min_keep, self.seed) != (other.capacity, other.min_keep, other.seed):
+            raise DataError(f"cannot merge row samples of different settings (capacity, min keep, seed): "
+                            f"{(self.capacity, self.min_keep, self.seed)} vs {(other.capacity, other.min_keep, other.seed)}")
+        seen_a, parts_a = self.parts()
+        seen_b, parts_b = other.parts()
+        if parts_a and parts_b:
+            wa, wb = next(iter(parts_a.values())), next(iter(parts_b.values()))
+            if (wa[0].shape[1], wa[1].shape[1]) != (wb[0].shape[1], wb[1].shape[1]):
+                raise DataError("cannot merge row samples of different widths")
+        seen = {c: seen_a.get(c, 0) + seen_b.get(c, 0) for c in set(seen_a) | set(seen_b)}
+        parts = {}
+        for c in set(parts_a) | set(parts_b):
+            both = [p for p in (parts_a.get(c), parts_b.get(c)) if p is not None]
+            parts[c] = tuple(np.concatenate([p[i] for p in both]) for i in range(3))
+        out = StratifiedSample.from_parts(self.capacity, self.min_keep, self.seed, seen, parts)
+        level = out.level()
+        for code in out._chunks:
+            out._trim(code, level)
+        return out

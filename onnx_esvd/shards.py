@@ -16,6 +16,7 @@ of these are never merged; overlapping row ranges (the same shard twice) are ref
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -183,6 +184,18 @@ class LayerPartial:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the partial to `path` (.npz: header JSON + float64/int64 arrays), atomically."""
+        out = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=".onnx-esvd-", suffix=".npz", dir=out.parent if str(out.parent) else ".")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                self._write(f)
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return out
+
+    def _write(self, f: Any) -> None:
         labels = sorted(set(self.seen) | set(self.moments))
         d = self.dim
         empty = Moments(d)
@@ -199,21 +212,23 @@ class LayerPartial:
             "scatter": np.stack([self.moments.get(lab, empty).scatter for lab in labels]).astype(np.float64)
             if labels else np.zeros((0, d, d)),
         }
-        out = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=".onnx-esvd-", suffix=".npz", dir=out.parent if str(out.parent) else ".")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return out
+        np.savez(f, **arrays)
+
+    def to_bytes(self) -> bytes:
+        """The partial as the bytes of its .npz file (what `save` writes), for engines that ship bytes."""
+        buf = io.BytesIO()
+        self._write(buf)
+        return buf.getvalue()
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "LayerPartial":
+    def from_bytes(cls, data: bytes, name: str = "<statistics>") -> "LayerPartial":
+        """Inverse of `to_bytes`; `name` names the partial in messages."""
+        return cls.load(io.BytesIO(data), name=name)
+
+    @classmethod
+    def load(cls, path: "str | os.PathLike | io.BytesIO", name: str | None = None) -> "LayerPartial":
         """Read a file written by `save`; anything malformed is a one-line DataError naming the file."""
-        name = str(path)
+        name = str(path) if name is None else name
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in ("header", "n", "seen", "mean", "scatter")}

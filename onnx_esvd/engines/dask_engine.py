@@ -68,6 +68,31 @@ def dask_client(scheduler: Any = None, n_workers: int | None = None) -> Iterator
         cluster.close()
 
 
+class DaskEngine:
+    """An engine for `passes.PassTask`s on a Dask cluster: `engine(task, [(path, first_row), ...])` runs
+    `passes.run_pass` once per file on the workers (the task is sent to every worker once) and returns the results
+    in file order. scheduler: None (a LocalCluster of `n_workers` processes, closed by `close`), an address,
+    or a `distributed.Client`."""
+
+    def __init__(self, scheduler: Any = None, n_workers: int | None = None) -> None:
+        self._context = dask_client(scheduler, n_workers)
+        self.client = self._context.__enter__()
+
+    def __call__(self, task: Any, files: Sequence[tuple[str, int]]) -> list[bytes]:
+        from ..passes import run_pass
+
+        client = self.client
+        [shared] = client.scatter([task], broadcast=True, hash=False)
+        futures = [client.submit(run_pass, shared, os.fspath(path), int(first), pure=False) for path, first in files]
+        try:
+            return client.gather(futures)  # re-raises a task's DataError / ModelError as it was
+        finally:
+            client.cancel(futures + [shared])
+
+    def close(self) -> None:
+        self._context.__exit__(None, None, None)
+
+
 def _session(digest: str, model_bytes: bytes, layer_index: int, score: str | None) -> tuple[Any, Any, Any]:
     """(model, layer, runner) for this worker process, built once per model and layer."""
     import onnx
