@@ -258,6 +258,7 @@ class Rows:
     code: np.ndarray  # [n] int: label code (first-seen order)
     target: np.ndarray | None  # [n] float64
     u: np.ndarray  # [n] seeded uniform per row
+    index: np.ndarray | None = None  # [n] int64 global row index (position in the data, batch-independent)
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -496,7 +497,7 @@ class RowReader:
             j += len(inp.columns)
             feeds[inp.name] = feed_block(block, inp, None, where)
         target = values[:, j] if self.spec.target else None
-        return Rows(feeds, code, target, row_uniform_at(self.seed, index))
+        return Rows(feeds, code, target, row_uniform_at(self.seed, index), np.asarray(index, dtype=np.int64))
 
     def close(self) -> None:
         """Free the spill file now (it is freed anyway when the reader is garbage-collected)."""

@@ -535,19 +535,22 @@ def _refit_target_is_label(prep: _Prepared) -> bool:
 
 
 def _collect_refit(prep: _Prepared, patched: onnx.ModelProto, holdout: float, progress: Progress, *,
-                   scored: bool = True, specs: Sequence[RefitSpec] = ()) -> _RefitData | None:
+                   scored: bool = True, specs: Sequence[RefitSpec] = (), folds: int = 0) -> _RefitData | None:
     """Pass 2: stream the patched model's final-node inputs (and the targets) into refit moments: the scored
     final node's (when `scored`) and those of other outputs' final nodes that are distilled; for a penalised
-    refit among `specs`, also a group-stratified sample of the tuned chain's input rows."""
+    refit among `specs`, or for an out-of-fold ranking (`folds` > 0), also a group-stratified sample of the
+    tuned chain's input rows, each with its fold id (`rowsample.fold_of` of its global row index)."""
     original, reader = prep.original, prep.reader
     finals = ([prep.final] if scored else []) + [o.final for o in prep.others if o.how == "distilled"]
     if not finals:
         return None
     rows_spec = next((r for r in specs if r.needs_rows), None) if scored else None
+    if rows_spec is None and scored and folds > 0:
+        rows_spec = RefitSpec("fair")  # the out-of-fold ranking refits the final node alone
     chain = sample = None
     if rows_spec is not None:
         from .graph import find_layers
-        from .rowsample import StratifiedSample
+        from .rowsample import StratifiedSample, fold_of
         from .tuning import graph_chain
 
         tunes = {r.tune for r in specs if r.needs_rows}
@@ -592,7 +595,7 @@ def _collect_refit(prep: _Prepared, patched: onnx.ModelProto, holdout: float, pr
             accs[f.index].add(z, t, code, in_val)
             if sample is not None and f is prep.final:
                 x = layer_rows(np.asarray(z_out[chain.input]), n, chain.layers[0]) if chain.input != f.input else z
-                sample.add(x, t, code)
+                sample.add(x, t, code, None if folds <= 0 else fold_of(rows.index, reader.seed, folds))
         done += n
         progress("refit", done)
     runner.close()
