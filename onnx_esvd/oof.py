@@ -43,7 +43,8 @@ class OofScore:
 
     Attributes:
         folds: K. ks: max pairwise KS of the pooled out-of-fold predictions (groups with >= MIN_KS_ROWS rows).
-        mean_gap: max - min of the groups' mean out-of-fold predictions. mse: row-weighted mean squared error.
+        mean_gap: max - min of the groups' mean out-of-fold predictions (k >= 3: groups with >= MIN_KS_ROWS rows).
+        mse: row-weighted mean squared error.
         fit_ks: max pairwise KS of the full refit's predictions on the same rows (fitted on them: optimistic).
         rows: sampled fit rows scored; minority: (label, rows) of the group with the fewest of them.
     """
@@ -152,7 +153,8 @@ def score(pred: np.ndarray, fit_pred: np.ndarray, t: np.ndarray, group: np.ndarr
         raise DataError(f"fewer than 2 groups have {MIN_KS_ROWS} sampled fit rows: the out-of-fold KS cannot be "
                         "measured; add rows or rank on the holdout (--folds 0)")
     codes, counts = np.unique(group, return_counts=True)
-    means = [float(np.mean(pred[group == c])) for c in codes]
+    counted = codes if codes.size == 2 else codes[counts >= MIN_KS_ROWS]  # as the KS: k >= 3 skips tiny groups
+    means = [float(np.mean(pred[group == c])) for c in counted]
     err = pred - np.asarray(t, dtype=np.float64).reshape(-1)
     small = int(codes[np.argmin(counts)])
     name = labels[small] if 0 <= small < len(labels) else str(small)
