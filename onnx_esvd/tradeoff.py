@@ -157,7 +157,7 @@ def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequen
     prep = _prepare(load_model(model), open_table(data), layer, spec, holdout=holdout, batch_size=batch_size,
                     seed=seed, progress=progress, refits=tuple(r.mode for r in settings),
                     evaluate=None if evaluate is None else open_table(evaluate))
-    folds = _usable_folds(folds, prep, settings)
+    folds = _usable_folds(folds, prep)
     points: list[tuple[float, float, RefitSpec, OutputMetrics, OofScore | None]] = []
     scored = any(not _refit_note(r.mode, prep) for r in settings)
     for a in c1s:
@@ -200,7 +200,7 @@ def check_folds(folds: int | None) -> int | None:
     return folds
 
 
-def _usable_folds(folds: int | None, prep: Any, settings: Sequence[RefitSpec]) -> int:
+def _usable_folds(folds: int | None, prep: Any) -> int:
     """The fold count to use: refuse an explicit K where out-of-fold scores cannot be computed; for the default
     (None), fall back to none with a warning there."""
     if folds == 0:
@@ -211,8 +211,8 @@ def _usable_folds(folds: int | None, prep: Any, settings: Sequence[RefitSpec]) -
     elif prep.spec.target is None:
         why = "there is no --target"
     elif not _refit_target_is_label(prep):
-        why = (f"the scored output is not the final node '{prep.final.name}''s single output as it is (the refit "
-               "then fits the original model's outputs, not the labels)")
+        why = (f"the scored output is not the single output of the final node '{prep.final.name}' unchanged (the "
+               "refit then fits the original model's outputs, not the labels)")
     if not why:
         return DEFAULT_FOLDS if folds is None else folds
     if folds is not None:

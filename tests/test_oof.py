@@ -181,8 +181,8 @@ def test_bad_folds_are_refused(folds):
 def test_explicit_folds_are_refused_where_out_of_fold_scores_are_impossible(monkeypatch):
     prep = dataclasses.make_dataclass("P", ["final", "spec", "notes"])(None, None, [])
     with pytest.raises(OptionError, match="--folds 0"):
-        tradeoff._usable_folds(5, prep, ())
-    assert tradeoff._usable_folds(None, prep, ()) == 0 and "holdout" in prep.notes[0]
+        tradeoff._usable_folds(5, prep)
+    assert tradeoff._usable_folds(None, prep) == 0 and "holdout" in prep.notes[0]
 
 
 @pytest.fixture()
