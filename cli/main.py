@@ -205,10 +205,15 @@ def repair(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
     max_ks: Annotated[Optional[float], typer.Option("--max-ks", help="Search the refits and their knobs (or, with "
                                                                      "--refit fair, c1 x c2) and keep the "
-                                                                     "lowest-MSE setting whose holdout KS is at most "
-                                                                     "this (needs --target).")] = None,
+                                                                     "lowest-MSE setting whose out-of-fold KS (see "
+                                                                     "--folds) is at most this (needs --target).")
+                      ] = None,
     max_mean_gap: Annotated[Optional[float], typer.Option("--max-mean-gap", help="The same budget on the "
                                                                                  "mean gap.")] = None,
+    folds: Annotated[Optional[int], typer.Option("--folds", metavar="K", show_default="5",
+                                                 help="With --max-ks/--max-mean-gap: rank the settings on K-fold "
+                                                      "out-of-fold predictions on the fit rows (K >= 2); 0 ranks "
+                                                      "them on the holdout rows.")] = None,
     plot: PlotOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -244,12 +249,21 @@ def repair(
             from onnx_esvd import OptionError
 
             raise OptionError("--layer-stats and --engine dask need a fixed --layer and no --max-ks/--max-mean-gap")
+        if folds is not None and max_ks is None and max_mean_gap is None:
+            from onnx_esvd import OptionError
+
+            raise OptionError(f"--folds {folds} ranks the settings of a budget search: add --max-ks and/or "
+                              "--max-mean-gap, or drop --folds")
+        if folds is not None:
+            from onnx_esvd.tradeoff import check_folds
+
+            check_folds(folds)
         try:
             if max_ks is not None or max_mean_gap is not None:
                 from onnx_esvd import repair_within_budget
 
                 budget = repair_within_budget(model, data, layer=layer, max_ks=max_ks, max_mean_gap=max_mean_gap,
-                                              refit=None if refit is None else [refit],
+                                              folds=folds, refit=None if refit is None else [refit],
                                               **({} if refit is None else {"var_gap": [var_gap], "lam": [lam]}),
                                               **common)
                 result = budget.result

@@ -272,7 +272,9 @@ def sweep_report(res: Any) -> str:
 
 
 def budget_report(budget: Any) -> str:
-    """Which setting met the budget (and the runner-up), or the closest one when none did."""
+    """Which setting met the budget (and the runner-up), or the closest one when none did. With an out-of-fold
+    ranking, each named setting shows its out-of-fold KS (what was ranked), the KS on the rows it was fitted on
+    and on the report rows, side by side, with the minority group's row count behind each."""
     limits = ", ".join(f"{k} <= {v:g}" for k, v in budget.budget.items())
     tried = len(budget.sweep.points)
     failed = [p for p in budget.sweep.points if p.metrics is None]
@@ -281,19 +283,31 @@ def budget_report(budget: Any) -> str:
         first = failed[0]
         note = (f"\nskipped   {len(failed)} of the {tried} settings failed, e.g. c1={first.c1:g}, c2={first.c2:g}, "
                 f"refit {first.setting.describe()}: {first.failed}")
+    report_rows = budget.sweep.report_rows
 
     def describe(p: Any) -> str:
         m = p.metrics
         where = f"layer {p.layer}, " if p.layer is not None else ""
-        return (f"{where}c1={p.c1:g}, c2={p.c2:g}, refit {p.setting.describe()}: KS {num(m.ks)}, "
-                f"mean gap {num(m.mean_gap)}, "
-                f"MSE {num(m.mse)}")
+        head = f"{where}c1={p.c1:g}, c2={p.c2:g}, refit {p.setting.describe()}: "
+        if p.oof is None:
+            return head + f"KS {num(m.ks)}, mean gap {num(m.mean_gap)}, MSE {num(m.mse)}"
+        o = p.oof
+        small = min(m.groups, key=lambda g: g.count) if m.groups else None
+        text = (f"out-of-fold KS {num(o.ks)}, mean gap {num(o.mean_gap)}, MSE {num(o.mse)} ({o.rows} fit rows, "
+                f"{o.minority[1]} of group '{o.minority[0]}'); fit-row KS {num(o.fit_ks)}")
+        if report_rows != "fit" and small is not None:
+            text += (f"; {report_rows} KS {num(m.ks)}, MSE {num(m.mse)} ({m.rows} rows, {small.count} of group "
+                     f"'{small.label}')")
+        return head + text
 
     if budget.winner is None:
-        return (f"no setting of the {tried} tried meets {limits}; closest: {describe(budget.closest)}{note}\n"
-                "nothing was written")
-    lines = [f"budget    {limits}: {tried} settings tried on the holdout rows",
+        return (f"no setting of the {tried} tried meets {limits} on {budget.ranked_on}; closest: "
+                f"{describe(budget.closest)}{note}\nnothing was written")
+    lines = [f"budget    {limits}: {tried} settings tried, ranked on {budget.ranked_on}",
              f"winner    {describe(budget.winner)}"]
     if budget.runner_up is not None:
         lines.append(f"runner-up {describe(budget.runner_up)}")
+    if budget.folds:
+        lines.append("          (the fit-row KS is measured on the rows the refit was fitted on: optimistic, not "
+                     "the result)")
     return "\n".join(lines) + note

@@ -26,6 +26,7 @@ from . import refit as refit_mod
 from .capture import DataSpec, as_rows, layer_rows, report_mask
 from .errors import LayerError, OptionError
 from .partials import RefitPartial, ReportPartial, pack
+from .rowsample import fold_of
 from .runtime import Runner, pipelined
 from .score import Score
 from .shards import LayerPartial, columns_of, identity
@@ -287,7 +288,8 @@ def selected(reader: Any, select: str, holdout: float, labels: Sequence[str],
 def refit_batches(batches: Any, runner: Runner, teacher: Runner | None, finals: Sequence[Any], taught: Sequence[Any],
                   accs: dict[int, refit_mod.RefitAccumulator], holdout: float, *, chain: Any = None,
                   sample: Any = None, sampled: Any = None,
-                  progress: Callable[[str, int], None] = lambda name, rows: None) -> None:
+                  progress: Callable[[str, int], None] = lambda name, rows: None,
+                  folds: tuple[int, int] = (0, 0)) -> None:
     """Pass 2 over `batches` of (fit Rows, group index [n]): add each final node's `[z, t]` to `accs` (t: the
     teacher's output of the nodes in `taught`, else the label) and, for a penalised refit, the tuned chain's
     input rows of `sampled` (the scored final node) to `sample` (keyed by global row index)."""
@@ -312,7 +314,8 @@ def refit_batches(batches: Any, runner: Runner, teacher: Runner | None, finals: 
             accs[f.index].add(z, t, code, in_val)
             if sample is not None and f is sampled:
                 x = layer_rows(np.asarray(z_out[chain.input]), n, chain.layers[0]) if chain.input != f.input else z
-                sample.add(x, t, code, index=rows.index)
+                fold = None if folds[0] <= 0 else fold_of(rows.index, folds[1], folds[0])
+                sample.add(x, t, code, fold, index=rows.index)
         done += n
         progress("refit", done)
 

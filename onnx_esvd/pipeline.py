@@ -571,14 +571,17 @@ class _RefitPlan:
     scored: bool
     chain: Any = None
     sample: Any = None
+    folds: int = 0  # > 0: every sampled row carries its fold id (the budget's out-of-fold ranking)
 
 
-def _refit_plan(prep: _Prepared, scored: bool, specs: Sequence[RefitSpec]) -> _RefitPlan | None:
+def _refit_plan(prep: _Prepared, scored: bool, specs: Sequence[RefitSpec], folds: int = 0) -> _RefitPlan | None:
     original = prep.original
     finals = ([prep.final] if scored else []) + [o.final for o in prep.others if o.how == "distilled"]
     if not finals:
         return None
     rows_spec = next((r for r in specs if r.needs_rows), None) if scored else None
+    if rows_spec is None and scored and folds > 0:
+        rows_spec = RefitSpec("fair")  # the out-of-fold ranking refits the final node alone
     chain = sample = None
     if rows_spec is not None:
         from .graph import find_layers
@@ -596,18 +599,22 @@ def _refit_plan(prep: _Prepared, scored: bool, specs: Sequence[RefitSpec]) -> _R
             raise LayerError(f"final node '{final.name}' has a bias C that the refit cannot rewrite (computed at run "
                              "time, or one value broadcast to several outputs); use --refit none")
     taught = [f for f in finals if not (use_label and f.index == prep.final.index)]
-    return _RefitPlan(finals, taught, use_label, scored, chain, sample)
+    return _RefitPlan(finals, taught, use_label, scored, chain, sample, folds if sample is not None else 0)
 
 
 def _collect_refit(prep: _Prepared, patched: onnx.ModelProto, holdout: float, progress: Progress, *,
-                   scored: bool = True, specs: Sequence[RefitSpec] = ()) -> _RefitData | None:
+                   scored: bool = True, specs: Sequence[RefitSpec] = (), folds: int = 0) -> _RefitData | None:
     """Pass 2: stream the patched model's final-node inputs (and the targets) into refit moments: the scored
     final node's (when `scored`) and those of other outputs' final nodes that are distilled; for a penalised
-    refit among `specs`, also a group-stratified sample of the tuned chain's input rows."""
-    plan = _refit_plan(prep, scored, specs)
+    refit among `specs`, or for an out-of-fold ranking (`folds` > 0), also a group-stratified sample of the
+    tuned chain's input rows, each with its fold id (`rowsample.fold_of` of its global row index)."""
+    plan = _refit_plan(prep, scored, specs, folds)
     if plan is None:
         return None
     if prep.remote is not None:
+        if plan.folds:
+            raise OptionError("the out-of-fold ranking of --max-ks runs in one process: leave out --engine or "
+                              "give --folds 0")
         accs, sample = prep.remote.refit(prep, patched, plan, holdout, progress)
     else:
         from .passes import refit_batches
@@ -627,7 +634,8 @@ def _collect_refit(prep: _Prepared, patched: onnx.ModelProto, holdout: float, pr
         sample = plan.sample
         try:
             refit_batches(batches, runner, teacher, finals, plan.taught, accs, holdout, chain=chain, sample=sample,
-                          sampled=prep.final if scored else None, progress=progress)
+                          sampled=prep.final if scored else None, progress=progress,
+                          folds=(plan.folds, reader.seed))
         finally:
             runner.close()
             if teacher is not None:

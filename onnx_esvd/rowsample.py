@@ -38,6 +38,19 @@ def row_priority(index: np.ndarray, seed: int) -> np.ndarray:
     return _splitmix64(salted)
 
 
+#: Salt of the fold hash, so a row's fold is independent of its sampling priority (same seed).
+_FOLD_SALT = 0x6F6F665F666F6C64
+
+
+def fold_of(index: np.ndarray, seed: int, folds: int) -> np.ndarray:
+    """Fold id `[n] int64` in 0..folds-1 of global row indices `index: [n]`: a seeded hash of the index alone,
+    so it does not depend on batch sizes or on which other rows are present."""
+    if not (isinstance(folds, (int, np.integer)) and folds >= 1):
+        raise OptionError(f"folds={folds!r} must be a positive integer")
+    prio = row_priority(index, int(seed) ^ _FOLD_SALT)
+    return (prio % np.uint64(folds)).astype(np.int64)
+
+
 def water_level(counts: list[int], capacity: int, floor: int) -> int:
     """Largest L with `sum min(n_g, L) <= capacity`, at least `floor` (counts: rows seen per group)."""
     if sum(counts) <= capacity:

@@ -20,9 +20,10 @@ from .graph import LinearLayer
 from .guards import outputs_finite
 from .metrics import OutputMetrics
 from .modelio import load_model
+from .oof import DEFAULT_FOLDS, OofScore, oof_score
 from .refits import RefitSpec
 from .pipeline import (RepairOptions, RepairResult, _apply_refit, _collect_refit, _patched, _prepare, _refit_note,
-                       other_drifts, repair, resolve_holdout)
+                       _refit_target_is_label, other_drifts, repair, resolve_holdout)
 
 #: The default grid of `sweep` and of `repair --max-ks` (the paper benchmark's grid).
 C1_GRID: tuple[float, ...] = (1, 5, 15, 50, 150)
@@ -57,6 +58,7 @@ class SweepPoint:
     layer: int | None = None  # index of the repaired layer (set when several layers were tried)
     spec: RefitSpec | None = None  # the refit with its knobs (var_gap, lam, tune)
     failed: str | None = None
+    oof: OofScore | None = None  # out-of-fold metrics on the fit rows (sweep with folds > 0)
 
     @property
     def setting(self) -> RefitSpec:
@@ -68,7 +70,19 @@ class SweepPoint:
                 **{k: v for k, v in self.setting.to_dict().items() if k != "mode"},
                 "ks": None if m is None else m.ks, "mean_gap": None if m is None else m.mean_gap,
                 "mse": None if m is None else m.mse, "mae": None if m is None else m.mae, "pareto": self.pareto,
-                "failed": self.failed}
+                "failed": self.failed, "minority_rows": None if m is None else minority_rows(m),
+                **({} if self.oof is None else {"out_of_fold": self.oof.to_dict()})}
+
+    def ranking(self) -> dict[str, float]:
+        """The values a budget ranks this point by: out-of-fold ones when measured, else the report rows'."""
+        if self.oof is not None:
+            return {"ks": self.oof.ks, "mean_gap": self.oof.mean_gap, "mse": self.oof.mse}
+        return {k: v for k, v in self.metrics.to_dict().items() if k in ("ks", "mean_gap", "mse")}
+
+
+def minority_rows(m: OutputMetrics) -> int:
+    """Rows of the smallest group among the measured rows (report it next to any KS)."""
+    return min((g.count for g in m.groups), default=0)
 
 
 @dataclass(frozen=True)
@@ -145,14 +159,20 @@ def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequen
           refits: Sequence[RefitSpec] | None = None, eps: float = 1e-5, weights: str = "size",
           ridge: float | Literal["auto"] = "auto", holdout: float | None = None, seed: int = 0,
           batch_size: int = 4096, evaluate: Any = None, dropna: bool = False, max_drift: float = 0.05,
-          progress: Any = None) -> SweepResult:
+          progress: Any = None, folds: int | None = 0) -> SweepResult:
     """Fit every (c1, c2, refit setting) on the fit rows and measure each on the holdout rows (or on every row
     of `evaluate`). Refit settings: `refit` modes with the `var_gap` (moments) and `lam` (cdf, w2) lists, or
     `refits` given directly.
 
     A setting whose repair fails (non-finite weights, weights beyond the model's dtype, NaN or infinite outputs)
     is kept as a failed point with the reason, and the sweep goes on; when every setting fails, the first
-    failure is raised (LayerError)."""
+    failure is raised (LayerError).
+
+
+    `folds` K >= 2 also scores each setting out of fold on the fit rows (`SweepPoint.oof`, see onnx_esvd.oof);
+    None: DEFAULT_FOLDS where that is possible (a label target of a single-output final node whose output is
+    the score), else none, with a warning; 0: none."""
+    folds = check_folds(folds)
     c1s, c2s = _grid(c1, C1_GRID, "c1"), _grid(c2, C2_GRID, "c2")
     settings = tuple(refits) if refits else refit_settings(refit, var_gap, lam, tune_layers, ridge)
     holdout = resolve_holdout(holdout, evaluate)
@@ -163,7 +183,8 @@ def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequen
     prep = _prepare(load_model(model), open_table(data), layer, spec, holdout=holdout, batch_size=batch_size,
                     seed=seed, progress=progress, refits=tuple(r.mode for r in settings),
                     evaluate=None if evaluate is None else open_table(evaluate))
-    points: list[tuple[float, float, RefitSpec, OutputMetrics | LayerError]] = []
+    folds = _usable_folds(folds, prep)
+    points: list[tuple[float, float, RefitSpec, OutputMetrics | LayerError, OofScore | None]] = []
     scored = any(not _refit_note(r.mode, prep) for r in settings)
     distilled = any(o.how == "distilled" for o in prep.others)
     for a in c1s:
@@ -175,15 +196,16 @@ def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequen
                 patched = exc
             collected: Any = None
             for setting in settings:
+                oof = None
                 try:
                     if isinstance(patched, LayerError):
                         raise patched
                     model_m = patched
-                    if not _refit_note(setting.mode, prep) or prep.others:
+                    if not _refit_note(setting.mode, prep) or prep.others or folds:
                         if collected is None:  # one refit pass per patched layer, shared by the refit settings
                             try:
                                 collected = _collect_refit(prep, patched, holdout, progress, scored=scored,
-                                                           specs=settings)
+                                                           specs=settings, folds=folds)
                             except LayerError as exc:
                                 collected = exc
                         if isinstance(collected, LayerError):
@@ -191,25 +213,63 @@ def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequen
                         model_m = patched.__class__()
                         model_m.CopyFrom(patched)
                         if collected is not None:
-                            _apply_refit(model_m, prep, collected, setting)
+                            report, _ = _apply_refit(model_m, prep, collected, setting)
+                            if folds:
+                                oof = oof_score(patched, model_m, collected.chain, collected.sample, setting,
+                                                alpha=report.alpha if report is not None else 0.0,
+                                                fit_intercept=prep.final.bias is not None,
+                                                labels=prep.reader.group_labels(), folds=folds)
                     outputs = report_outputs(model_m, prep.report_reader, prep.report_holdout, progress, prep.score)
                     outputs_finite(outputs, "the repaired model", prep.score.output, repaired=True)
                     after: OutputMetrics | LayerError = capture_metrics(prep.cap, prep.reader, outputs, seed=seed)
                     if distilled:  # refuse the setting as `repair` would
                         other_drifts(prep, model_m, progress, max_drift)
                 except LayerError as exc:
-                    after = exc
-                points.append((a, b, setting, after))
-    failures = [m for *_rest, m in points if isinstance(m, LayerError)]
+                    after, oof = exc, None
+                points.append((a, b, setting, after, oof))
+    failures = [m for *_rest, m, _oof in points if isinstance(m, LayerError)]
     if len(failures) == len(points):
         raise failures[0]
     nan = float("nan")
-    flags = pareto_flags([(nan, nan) if isinstance(m, LayerError) else (m.ks, _cost(m)) for *_rest, m in points])
+    flags = pareto_flags([(nan, nan) if isinstance(m, LayerError) else (m.ks, _cost(m)) for *_rest, m, _oof in points])
     return SweepResult(layer=prep.layer, groups=prep.reader.group_labels(), before=prep.before,
                        points=tuple(SweepPoint(a, b, r.mode, None if isinstance(m, LayerError) else m, f,
-                                               prep.layer.index, r, _reason(m) if isinstance(m, LayerError) else None)
-                                    for (a, b, r, m), f in zip(points, flags)),
+                                               prep.layer.index, r, _reason(m) if isinstance(m, LayerError) else None,
+                                               o)
+                                    for (a, b, r, m, o), f in zip(points, flags)),
                        report_rows=prep.report_rows, warnings=tuple(prep.notes))
+
+
+def check_folds(folds: int | None) -> int | None:
+    """Validate `--folds`: None (the default), 0 (rank on the holdout rows) or an integer K >= 2."""
+    if folds is None:
+        return None
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 0 or folds == 1:
+        raise OptionError(f"--folds {folds!r} is invalid; give an integer K >= 2 (rank the settings on K-fold "
+                          "out-of-fold predictions) or 0 (rank them on the holdout rows)")
+    return folds
+
+
+def _usable_folds(folds: int | None, prep: Any) -> int:
+    """The fold count to use: refuse an explicit K where out-of-fold scores cannot be computed; for the default
+    (None), fall back to none with a warning there."""
+    if folds == 0:
+        return 0
+    why = ""
+    if prep.final is None:
+        why = "no final linear node feeds the scored output"
+    elif prep.spec.target is None:
+        why = "there is no --target"
+    elif not _refit_target_is_label(prep):
+        why = (f"the scored output is not the single output of the final node '{prep.final.name}' unchanged (the "
+               "refit then fits the original model's outputs, not the labels)")
+    if not why:
+        return DEFAULT_FOLDS if folds is None else folds
+    if folds is not None:
+        raise OptionError(f"--folds {folds}: out-of-fold ranking is not possible here: {why}; give --folds 0 to "
+                          "rank the settings on the holdout rows")
+    prep.notes.append(f"the settings are ranked on the holdout rows, not out of fold: {why}")
+    return 0
 
 
 @dataclass(frozen=True)
@@ -223,10 +283,18 @@ class BudgetResult:
     closest: SweepPoint | None
     budget: dict[str, float]
     sweep: SweepResult
+    folds: int = 0  # K of the out-of-fold ranking; 0: ranked on the report rows
+
+    @property
+    def ranked_on(self) -> str:
+        """What the settings were ranked on, in words."""
+        if self.folds:
+            return f"{self.folds}-fold out-of-fold predictions on the fit rows"
+        return f"the {self.sweep.report_rows} rows"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"budget": self.budget, "met": self.result is not None,
-                "failed": sum(p.metrics is None for p in self.sweep.points),
+        return {"budget": self.budget, "met": self.result is not None, "folds": self.folds,
+                "ranked_on": self.ranked_on, "failed": sum(p.metrics is None for p in self.sweep.points),
                 "winner": None if self.winner is None else self.winner.to_dict(),
                 "runner_up": None if self.runner_up is None else self.runner_up.to_dict(),
                 "closest": None if self.closest is None else self.closest.to_dict(),
@@ -236,8 +304,13 @@ class BudgetResult:
 def repair_within_budget(model: Any, data: Any, *, layer: int | str, group: str, max_ks: float | None = None,
                          max_mean_gap: float | None = None, target: str | None = None,
                          refit: Sequence[str] | None = None, c1: Sequence[float] | None = None,
-                         c2: Sequence[float] | None = None, **kwargs: Any) -> BudgetResult:
-    """Search the settings and repair with the lowest-MSE one whose holdout KS (and mean gap) meet the budget.
+                         c2: Sequence[float] | None = None, folds: int | None = None, **kwargs: Any) -> BudgetResult:
+    """Search the settings and repair with the lowest-MSE one whose KS (and mean gap) meet the budget.
+
+    The settings are ranked on `folds`-fold out-of-fold predictions on the fit rows (default DEFAULT_FOLDS = 5;
+    onnx_esvd.oof), or with `folds=0` on the report rows (the holdout, or `evaluate`) as before. With the
+    default, a model whose score is not the final node's output (or without a label target) is ranked on the
+    report rows, with a warning; an explicit K >= 2 is refused there.
 
     Without `refit`, the settings are BUDGET_REFITS (fair; moments at var-gap 0.5 and 0; cdf at lam 0.3, 1, 3) at
     c1 = 15, c2 = 150 (or the c1/c2 values given); with `refit` modes, the c1 x c2 grid (default C1_GRID x
@@ -254,6 +327,7 @@ def repair_within_budget(model: Any, data: Any, *, layer: int | str, group: str,
             raise OptionError(f"--max-{key.replace('_', '-')} {value:g} is invalid; it must be a number >= 0")
     if target is None:
         raise OptionError("--max-ks and --max-mean-gap rank the settings by MSE: add --target COL")
+    folds = check_folds(folds)
     layers = auto_layers(model, data, group=group, target=target, **kwargs) if layer == "auto" else [layer]
     knobs = {k: kwargs.pop(k) for k in ("var_gap", "lam", "tune_layers") if k in kwargs}
     ridge = kwargs.get("ridge", "auto")
@@ -273,7 +347,7 @@ def repair_within_budget(model: Any, data: Any, *, layer: int | str, group: str,
     for lay in layers:
         try:
             sweeps.append(sweep(model, data, layer=lay, group=group, target=target, c1=c1, c2=c2, refits=settings,
-                                **sweep_kwargs))
+                                folds=folds, **sweep_kwargs))
         except LayerError as exc:  # every setting failed at this layer; another layer may still do
             failed.append(exc)
     if not sweeps:
@@ -283,15 +357,19 @@ def repair_within_budget(model: Any, data: Any, *, layer: int | str, group: str,
         points=tuple(p for sw in sweeps for p in sw.points), report_rows=sweeps[0].report_rows,
         warnings=tuple(dict.fromkeys(w for sw in sweeps for w in sw.warnings)))
 
+    used = next((p.oof.folds for p in result.points if p.oof is not None), 0)
+    if used and any(p.oof is None for p in result.measured):  # not reached: one rule for every layer of a sweep
+        raise OptionError("some settings have no out-of-fold scores; give --folds 0 to rank on the holdout rows")
+
     def excess(p: SweepPoint) -> float:
-        values = p.metrics.to_dict()
+        values = p.ranking()
         return max(max(values[k] - v, 0.0) / max(v, 1e-12) for k, v in budget.items())
 
     measured = result.measured  # failed settings are never chosen
-    feasible = sorted((p for p in measured if excess(p) == 0.0), key=lambda p: (p.metrics.mse, p.c1 * p.c2))
+    feasible = sorted((p for p in measured if excess(p) == 0.0), key=lambda p: (p.ranking()["mse"], p.c1 * p.c2))
     if not feasible:
-        closest = min(measured, key=lambda p: (excess(p), p.metrics.mse))
-        return BudgetResult(None, None, None, closest, budget, result)
+        closest = min(measured, key=lambda p: (excess(p), p.ranking()["mse"]))
+        return BudgetResult(None, None, None, closest, budget, result, used)
     winner = feasible[0]
     runner_up = feasible[1] if len(feasible) > 1 else None
     passed = ("groups", "features", "score", "eps", "ridge", "holdout", "seed", "batch_size", "progress", "evaluate",
@@ -300,7 +378,7 @@ def repair_within_budget(model: Any, data: Any, *, layer: int | str, group: str,
     w = winner.setting
     chosen = repair(model, data, layer=winner.layer, group=group, target=target, c1=winner.c1, c2=winner.c2,
                     refit=w.mode, var_gap=w.var_gap, lam=w.lam, tune_layers=w.tune, **options)
-    return BudgetResult(chosen, winner, runner_up, None, budget, result)
+    return BudgetResult(chosen, winner, runner_up, None, budget, result, used)
 
 
 

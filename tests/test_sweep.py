@@ -59,9 +59,10 @@ def sweep_args(work, *extra, target=True):
 
 
 def budget_args(work, *extra, out="out.onnx"):
-    """A budget over the c1 x c2 grid with the fair refit (an explicit --refit keeps the c1 x c2 search)."""
+    """A budget over the c1 x c2 grid with the fair refit (an explicit --refit keeps the c1 x c2 search), ranked
+    on the holdout rows (--folds 0; the out-of-fold ranking has its own tests in test_oof.py)."""
     return ["repair", work / GEMM.model, "--layer", "1", "--data", work / GEMM.data, "--group", "g", "--target", "y",
-            "--refit", "fair", "-o", work / out, *extra]
+            "--refit", "fair", "--folds", "0", "-o", work / out, *extra]
 
 
 def assert_metrics_equal(a, b, tol=TOL):
@@ -429,7 +430,8 @@ def _boundary_budget(points):
 
 def test_budget_picks_the_lowest_mse_setting_within_the_ks_budget(gemm_sweep):
     max_ks = _boundary_budget(gemm_sweep.points)
-    res = repair_within_budget(GEMM.path, GEMM.data_path, max_ks=max_ks, refit=["fair", "plain"], **gemm_kwargs())
+    res = repair_within_budget(GEMM.path, GEMM.data_path, max_ks=max_ks, refit=["fair", "plain"], folds=0,
+                               **gemm_kwargs())
     ranked = _by_mse(_feasible(res.sweep.points, {"ks": max_ks}))
     assert len(ranked) >= 3
     assert ranked[0].metrics.mse < ranked[1].metrics.mse < ranked[2].metrics.mse  # no ties to break
@@ -452,7 +454,7 @@ def test_budget_picks_the_lowest_mse_setting_within_the_ks_budget(gemm_sweep):
 
 def test_budget_on_law_school():
     kwargs = {"layer": -2, "group": LAW.group, "groups": LAW_GROUPS, "target": LAW.target, "c1": (1.0, 15.0),
-              "c2": (1.0, 150.0), "refit": ["fair"]}
+              "c2": (1.0, 150.0), "refit": ["fair"], "folds": 0}
     probe = sweep(LAW.path, LAW.data_path, **kwargs)
     ks = sorted(p.metrics.ks for p in probe.points)
     max_ks = ks[2]  # three of the four settings are inside
@@ -468,13 +470,13 @@ def test_budget_without_a_runner_up(gemm_sweep):
     lowest = min(gemm_sweep.points, key=lambda p: p.metrics.ks)
     assert sum(p.metrics.ks <= lowest.metrics.ks for p in gemm_sweep.points) == 1
     res = repair_within_budget(GEMM.path, GEMM.data_path, max_ks=lowest.metrics.ks, refit=["fair", "plain"],
-                               **gemm_kwargs())
+                               folds=0, **gemm_kwargs())
     assert _same_point(res.winner, lowest) and res.runner_up is None
     assert_metrics_equal(res.result.after, lowest.metrics)
 
 
 def test_infeasible_budget_returns_the_closest_setting():
-    res = repair_within_budget(GEMM.path, GEMM.data_path, max_ks=1e-4, **gemm_kwargs(c1=C1, c2=C2))
+    res = repair_within_budget(GEMM.path, GEMM.data_path, max_ks=1e-4, folds=0, **gemm_kwargs(c1=C1, c2=C2))
     assert res.result is None and res.winner is None and res.runner_up is None
     closest = min(res.sweep.points, key=lambda p: p.metrics.ks)  # one budget: the smallest excess is the lowest KS
     assert _same_point(res.closest, closest)
