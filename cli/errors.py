@@ -99,6 +99,7 @@ def handled(debug: bool) -> Iterator[None]:
 
     forget_written()
     quiet_numerics()
+    return_freed_memory()
     try:
         with _single_thread_blas():
             yield
@@ -132,6 +133,27 @@ def handled(debug: bool) -> Iterator[None]:
                        "onnx-esvd issue tracker", err=True)
         sys.stderr.flush()
         raise typer.Exit(EXIT_INTERNAL) from None
+
+
+#: Blocks from this size on come straight from the OS and go back to it when freed (glibc's mallopt).
+MMAP_THRESHOLD = 1 << 20
+
+
+def return_freed_memory() -> None:
+    """On glibc, fix malloc's mmap threshold (and the heap trim threshold) at MMAP_THRESHOLD.
+
+    By default glibc raises the threshold each time a large block is freed (up to 32 MiB per block), so the
+    per-batch arrays of the passes and of the refit come from heaps that keep the memory after it is freed,
+    in every thread's arena: peak RSS then grew with the rows although the live arrays did not (measured:
+    426 against 301 MiB on 2M rows). Elsewhere this does nothing."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")  # glibc's name; absent on macOS, Windows and musl
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, MMAP_THRESHOLD)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return
 
 
 @contextmanager
