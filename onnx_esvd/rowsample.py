@@ -20,6 +20,7 @@ over (the sample is empty afterwards), optionally already in float64, without a 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +93,7 @@ class StratifiedSample:
         self._has_fold: bool | None = None
         self._width: tuple[int, int] | None = None
         self._cut: dict[int, int] = {}  # per group: rows with a larger priority can never be kept
+        self._result: RowSample | None = None
 
     @property
     def seen(self) -> dict[int, int]:
@@ -165,9 +167,15 @@ class StratifiedSample:
     def result(self, dtype: np.dtype | type | None = None) -> RowSample:
         """The kept rows of every group, sorted by global row index; `x` in `dtype` (default: as added).
 
-        The rows are handed over: the sample is empty afterwards (call it once)."""
+        The buffered rows are handed over (freed as they are copied) and the result is kept: later calls
+        return the same rows (in `dtype`)."""
         if not self._seen:
             raise DataError("the row sample is empty: no rows were added")
+        if self._result is not None:
+            done = self._result
+            if dtype is not None and done.x.dtype != np.dtype(dtype):
+                done = dataclasses.replace(done, x=done.x.astype(dtype))
+            return done
         level = self.level()
         for code in self._chunks:
             self._trim(code, level)
@@ -192,5 +200,6 @@ class StratifiedSample:
             x[where[start:start + block.shape[0]]] = block
             start += block.shape[0]
             parts[i] = None
-        return RowSample(x=x, t=t, group=group[order], fold=fold, index=index[order], weight=weight[order],
-                         seen={c: self._seen[c] for c in codes}, kept=kept)
+        self._result = RowSample(x=x, t=t, group=group[order], fold=fold, index=index[order], weight=weight[order],
+                                 seen={c: self._seen[c] for c in codes}, kept=kept)
+        return self._result

@@ -303,7 +303,9 @@ def test_sample_buffers_stay_near_the_level_and_float64_result_is_exact():
     one = feed(StratifiedSample(capacity=2000, min_keep_per_group=100, seed=3), x, t, g, [n])
     assert res.x.dtype == np.float64 and np.array_equal(res.index, one.index)
     assert np.array_equal(res.x, x[res.index].astype(np.float64)) and np.array_equal(res.weight, one.weight)
-    assert sample._chunks == {}  # handed over: the sample keeps nothing
+    assert sample._chunks == {}  # handed over: no buffered copy is left beside the result
+    again = sample.result(np.float64)
+    assert again.x is res.x and np.array_equal(sample.result().index, res.index)  # later calls: the same rows
 
 
 def test_water_level_and_floor():
