@@ -8,8 +8,9 @@ Generates seeded synthetic data and models under a temporary directory, then mea
    file read by the same reader with the same batch size; on a quiet machine and with a CPU-bound job
    (a one-thread numpy matmul loop) running beside it. Median of alternating runs;
 2. the whole CLI repair of a 1024-wide layer (float64 MLP 64 -> 1024 -> 1024 -> 1, 8,192 rows,
-   --holdout 0, a fixed ridge) against a plain float64 numpy implementation of the layer math alone
-   (moments, both ESVD steps, the refit's moments and solve), BLAS at one thread in both; the CLI's
+   --holdout 0, a fixed ridge, --refit fair: the refit with an exact float64 reference) against a plain
+   float64 numpy implementation of the layer math alone (moments, both ESVD steps, the refit's moments
+   and solve), BLAS at one thread in both; the CLI's
    written weights are compared with that exact float64 computation;
 3. memory: peak RSS of `repair` streaming a 10,000,000-row CSV against a 100,000-row one;
 4. start-up: `onnx-esvd --help`.
@@ -232,7 +233,7 @@ def wide_target(work: Path, rows: int, repeat: int) -> tuple[float, float, float
     model_path, data = write_wide(work, rows)
     out = work / "wide.esvd.onnx"
     cmd = [*CLI, "repair", str(model_path), "--layer", "-2", "--data", str(data), "--group", "g", "--target", "y",
-           "--holdout", "0", "--ridge", str(WIDE_RIDGE), "-o", str(out), "--force", "--quiet"]
+           "--holdout", "0", "--ridge", str(WIDE_RIDGE), "--refit", "fair", "-o", str(out), "--force", "--quiet"]
     model = onnx.load(str(model_path))
     with np.load(data) as z:
         x, g, y = z["x"], z["g"], z["y"]
