@@ -16,7 +16,7 @@ Generates seeded synthetic data and models under a temporary directory, then mea
 4. start-up: `onnx-esvd --help`.
 
     python benchmarks/speed.py [--rows 1000000] [--small-rows 300000] [--memory-rows 10000000] [--repeat 3]
-        [--only overhead,wide,memory,startup] [--json speed.json]
+        [--only overhead,wide,memory,startup] [--sets csv-small,csv,npz] [--loads quiet,loaded] [--json speed.json]
 
 Times are wall-clock seconds on this machine; compare the ratios, which are measured in one run.
 """
@@ -266,6 +266,10 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true", help="leave out the (long) memory test")
     ap.add_argument("--only", default="overhead,wide,memory,startup",
                     help="comma-separated parts to run: overhead, wide, memory, startup")
+    ap.add_argument("--sets", default="csv-small,csv,npz",
+                    help="comma-separated overhead data sets: csv-small (--small-rows CSV), csv, npz (--rows)")
+    ap.add_argument("--loads", default="quiet,loaded",
+                    help="overhead runs: quiet (the machine as it is), loaded (with the benchmark's CPU-bound job)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--keep", type=Path, default=None, help="generate into this directory and keep it")
     args = ap.parse_args()
@@ -286,14 +290,18 @@ def main() -> None:
         onnx.save(make_mlp([FEATURES, 256, 256, 256, 1], seed=0), str(work / "mlp256.onnx"))
         onnx.save(make_mlp([FEATURES, 64, 64, 1], seed=1), str(work / "mlp64.onnx"))
         sets = []
-        for rows in ((args.small_rows, args.rows) if "overhead" in parts else ()):
-            write_csv(work / f"rows{rows}.csv", rows, seed=0)
-            sets.append(("CSV", rows, work / f"rows{rows}.csv", [f"x{j}" for j in range(FEATURES)], 2.5))
-        if "overhead" in parts:
+        chosen = set(args.sets.split(",")) if "overhead" in parts else set()
+        for name, rows in (("csv-small", args.small_rows), ("csv", args.rows)):
+            if name in chosen:
+                write_csv(work / f"rows{rows}.csv", rows, seed=0)
+                sets.append(("CSV", rows, work / f"rows{rows}.csv", [f"x{j}" for j in range(FEATURES)], 2.5))
+        if "npz" in chosen:
             write_npz(work / "rows.npz", args.rows, seed=0)
             sets.append(("NPZ", args.rows, work / "rows.npz", [f"x_{j}" for j in range(FEATURES)], 3.0))
+        if sets:
             print("1. pipeline overhead (repair vs one plain inference pass)", flush=True)
-        for loaded in ((False, True) if sets else ()):
+        modes = [m == "loaded" for m in ("quiet", "loaded") if m in args.loads.split(",")]
+        for loaded in (modes if sets else ()):
             for label, rows, data, feats, limit in sets:
                 if loaded:
                     with Load():
