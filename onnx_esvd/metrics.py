@@ -169,6 +169,8 @@ class OutputCollector:
         self._abs_err: list[float] = []
         self.has_target: bool | None = None
         self.width: int | None = None  # values per row of the scored tensor (set by the pass that fills it)
+        self.cells = 0  # output values added (every row of every group, kept for the KS or not)
+        self.nonfinite = 0  # of those, NaN or infinite
 
     def _grow(self, codes: int) -> None:
         while len(self._rows) < codes:
@@ -218,6 +220,8 @@ class OutputCollector:
             mask = c == g
             pg = p[mask].astype(np.float64)
             self._rows[g] += int(mask.sum())
+            self.cells += pg.size
+            self.nonfinite += int(pg.size - np.count_nonzero(np.isfinite(pg)))
             self._values[g].add(pg)
             col = pg.sum(axis=0)
             self._column_sum[g] = col if self._column_sum[g] is None else self._column_sum[g] + col

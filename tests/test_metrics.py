@@ -366,6 +366,18 @@ def test_capped_collector_keeps_a_stratified_sample_independent_of_batches(cuts)
     assert m.groups[1].ks_overall == pytest.approx(float(np.max(np.abs(f1 - mix))), abs=1e-12)
 
 
+def test_capped_collector_counts_non_finite_outputs_of_rows_it_did_not_keep():
+    from onnx_esvd.errors import ModelError
+    from onnx_esvd.guards import outputs_finite
+
+    pred, code, target, prio = _capped_data(2)
+    pred[np.argmax(prio * (code == 0))] = np.nan  # the majority row with the largest priority: never kept
+    res = _feed_capped(OutputCollector(cap=2000), pred, code, target, prio, [1000] * 6)
+    assert np.isfinite(res.values(0)).all() and res.nonfinite == 1 and res.cells == pred.size
+    with pytest.raises(ModelError, match="1 of 6000 output values"):
+        outputs_finite(res, "m.onnx", "y")
+
+
 def test_capped_collector_needs_priorities():
     with pytest.raises(ValueError, match="priority"):
         OutputCollector(cap=10).add(np.zeros(3), np.zeros(3, dtype=np.int64))
