@@ -8,14 +8,16 @@ Generates seeded synthetic data and models under a temporary directory, then mea
    file read by the same reader with the same batch size; on a quiet machine and with a CPU-bound job
    (a one-thread numpy matmul loop) running beside it. Median of alternating runs;
 2. the whole CLI repair of a 1024-wide layer (float64 MLP 64 -> 1024 -> 1024 -> 1, 8,192 rows,
-   --holdout 0, a fixed ridge) against a plain float64 numpy implementation of the layer math alone
-   (moments, both ESVD steps, the refit's moments and solve), BLAS at one thread in both; the CLI's
+   --holdout 0, a fixed ridge, --refit fair: the refit with an exact float64 reference) against a plain
+   float64 numpy implementation of the layer math alone (moments, both ESVD steps, the refit's moments
+   and solve), BLAS at one thread in both; the CLI's
    written weights are compared with that exact float64 computation;
 3. memory: peak RSS of `repair` streaming a 10,000,000-row CSV against a 100,000-row one;
 4. start-up: `onnx-esvd --help`.
 
     python benchmarks/speed.py [--rows 1000000] [--small-rows 300000] [--memory-rows 10000000] [--repeat 3]
-        [--only overhead,wide,memory,startup] [--json speed.json]
+        [--only overhead,wide,memory,startup] [--sets csv-small,csv,npz] [--loads quiet,loaded] [--refit MODE]
+        [--json speed.json]
 
 Times are wall-clock seconds on this machine; compare the ratios, which are measured in one run.
 """
@@ -150,11 +152,12 @@ class Load:
         self.proc.wait()
 
 
-def overhead(model: Path, data: Path, feats: list[str], repeat: int, work: Path) -> tuple[float, list, list, list]:
+def overhead(model: Path, data: Path, feats: list[str], repeat: int, work: Path, extra: tuple[str, ...] = ()
+             ) -> tuple[float, list, list, list]:
     ratios, plains, repairs = [], [], []
     for _ in range(repeat):  # alternate the two so that drifts in machine load hit both
         plains.append(plain_pass(model, data, feats))
-        repairs.append(timed(repair_cmd(model, data, work / "out.onnx"))[0])
+        repairs.append(timed(repair_cmd(model, data, work / "out.onnx", *extra))[0])
         ratios.append(repairs[-1] / plains[-1])
     return float(np.median(ratios)), ratios, plains, repairs
 
@@ -232,7 +235,7 @@ def wide_target(work: Path, rows: int, repeat: int) -> tuple[float, float, float
     model_path, data = write_wide(work, rows)
     out = work / "wide.esvd.onnx"
     cmd = [*CLI, "repair", str(model_path), "--layer", "-2", "--data", str(data), "--group", "g", "--target", "y",
-           "--holdout", "0", "--ridge", str(WIDE_RIDGE), "-o", str(out), "--force", "--quiet"]
+           "--holdout", "0", "--ridge", str(WIDE_RIDGE), "--refit", "fair", "-o", str(out), "--force", "--quiet"]
     model = onnx.load(str(model_path))
     with np.load(data) as z:
         x, g, y = z["x"], z["g"], z["y"]
@@ -265,6 +268,11 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true", help="leave out the (long) memory test")
     ap.add_argument("--only", default="overhead,wide,memory,startup",
                     help="comma-separated parts to run: overhead, wide, memory, startup")
+    ap.add_argument("--sets", default="csv-small,csv,npz",
+                    help="comma-separated overhead data sets: csv-small (--small-rows CSV), csv, npz (--rows)")
+    ap.add_argument("--loads", default="quiet,loaded",
+                    help="overhead runs: quiet (the machine as it is), loaded (with the benchmark's CPU-bound job)")
+    ap.add_argument("--refit", default=None, help="overhead runs: repair with this --refit (default: the tool's)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--keep", type=Path, default=None, help="generate into this directory and keep it")
     args = ap.parse_args()
@@ -285,22 +293,30 @@ def main() -> None:
         onnx.save(make_mlp([FEATURES, 256, 256, 256, 1], seed=0), str(work / "mlp256.onnx"))
         onnx.save(make_mlp([FEATURES, 64, 64, 1], seed=1), str(work / "mlp64.onnx"))
         sets = []
-        for rows in ((args.small_rows, args.rows) if "overhead" in parts else ()):
-            write_csv(work / f"rows{rows}.csv", rows, seed=0)
-            sets.append(("CSV", rows, work / f"rows{rows}.csv", [f"x{j}" for j in range(FEATURES)], 2.5))
-        if "overhead" in parts:
+        chosen = set(args.sets.split(",")) if "overhead" in parts else set()
+        for name, rows in (("csv-small", args.small_rows), ("csv", args.rows)):
+            if name in chosen:
+                write_csv(work / f"rows{rows}.csv", rows, seed=0)
+                sets.append(("CSV", rows, work / f"rows{rows}.csv", [f"x{j}" for j in range(FEATURES)], 2.5))
+        if "npz" in chosen:
             write_npz(work / "rows.npz", args.rows, seed=0)
             sets.append(("NPZ", args.rows, work / "rows.npz", [f"x_{j}" for j in range(FEATURES)], 3.0))
+        if sets:
             print("1. pipeline overhead (repair vs one plain inference pass)", flush=True)
-        for loaded in ((False, True) if sets else ()):
+        modes = [m == "loaded" for m in ("quiet", "loaded") if m in args.loads.split(",")]
+        for loaded in (modes if sets else ()):
             for label, rows, data, feats, limit in sets:
+                extra = ("--refit", args.refit) if args.refit else ()
                 if loaded:
                     with Load():
                         ratio, ratios, plains, repairs = overhead(work / "mlp256.onnx", data, feats, args.repeat,
-                                                                  work)
+                                                                  work, extra)
                 else:
-                    ratio, ratios, plains, repairs = overhead(work / "mlp256.onnx", data, feats, args.repeat, work)
-                record(f"repair / plain, {label} {rows // 1000:,}k{', loaded' if loaded else ''}", ratio, limit, "x",
+                    ratio, ratios, plains, repairs = overhead(work / "mlp256.onnx", data, feats, args.repeat, work,
+                                                              extra)
+                how = f", --refit {args.refit}" if args.refit else ""
+                record(f"repair / plain, {label} {rows // 1000:,}k{how}{', loaded' if loaded else ''}", ratio, limit,
+                       "x",
                        f"median of {args.repeat}: repair {np.median(repairs):.2f}s, plain {np.median(plains):.2f}s; "
                        f"ratios {', '.join(f'{r:.2f}' for r in ratios)}")
                 loads.append(load_average())
@@ -341,10 +357,10 @@ def main() -> None:
     print()
     print(f"onnx-esvd {onnx_esvd.__version__} speed targets, {time.strftime('%Y-%m-%d')}, {machine}")
     print(f"load average (1, 5, 15 min) at the start and after each overhead set: {' | '.join(loads)}")
-    print(f"{'target':42s} {'measured':>12s} {'limit':>10s} {'ratio':>7s}  result")
+    print(f"{'target':50s} {'measured':>12s} {'limit':>10s} {'ratio':>7s}  result")
     for r in results:
         ratio = r["measured"] / r["limit"]
-        print(f"{r['target']:42s} {r['measured']:>10.3g} {r['unit']:<3s}{r['limit']:>8g}   {ratio:>6.2f}  "
+        print(f"{r['target']:50s} {r['measured']:>10.3g} {r['unit']:<3s}{r['limit']:>8g}   {ratio:>6.2f}  "
               f"{'PASS' if r['passed'] else 'MISS'}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "date": time.strftime("%Y-%m-%d"), "loads": loads,

@@ -99,6 +99,7 @@ def handled(debug: bool) -> Iterator[None]:
 
     forget_written()
     quiet_numerics()
+    return_freed_memory()
     try:
         with _single_thread_blas():
             yield
@@ -132,6 +133,28 @@ def handled(debug: bool) -> Iterator[None]:
                        "onnx-esvd issue tracker", err=True)
         sys.stderr.flush()
         raise typer.Exit(EXIT_INTERNAL) from None
+
+
+#: Blocks from this size on come straight from the OS and go back to it when freed (glibc's mallopt).
+MMAP_THRESHOLD = 1 << 24
+
+
+def return_freed_memory() -> None:
+    """On glibc, fix malloc's mmap threshold (and the heap trim threshold) at MMAP_THRESHOLD (16 MiB).
+
+    By default glibc raises the threshold each time a large block is freed (up to 32 MiB per block), so the
+    large arrays of the refit and the report come from heaps that keep the memory after it is freed: peak RSS
+    then grew with the rows although the live arrays did not (measured on 2M rows: 426 MiB by default, 352
+    with 16 MiB, 301 with 1 MiB). Below 16 MiB, the per-batch arrays stay in the heaps, which is faster (a
+    1 MiB threshold made a `--refit fair` repair 25-35% slower). Elsewhere this does nothing."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")  # glibc's name; absent on macOS, Windows and musl
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, MMAP_THRESHOLD)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return
 
 
 @contextmanager

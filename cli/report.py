@@ -153,6 +153,10 @@ def ks_noise_line(m: Any) -> str:
         where = "left out of the headline KS and mean gap" if len(m.groups) > 2 else "KS not estimable"
         text += (f"; (*) fewer than {MIN_ESTIMABLE_ROWS} rows, {where}: "
                  f"{', '.join(repr(x) for x in small)}")
+    if getattr(m, "ks_sampled", False):
+        text += (f"\nKS, its noise and intervals measured on a group-stratified sample of {m.ks_rows} of the {m.rows} "
+                 "rows (every row of a group up to a common level; the same rows before and after); means, std, "
+                 "MSE and MAE on every row")
     return text
 
 

@@ -19,7 +19,7 @@ from .data import Table, _label_text, normalise_labels
 from .errors import DataError, LayerError, ModelError, OptionError
 from .graph import LinearLayer, model_inputs, with_outputs
 from .guards import input_fits, stats_finite
-from .metrics import OutputCollector, OutputMetrics
+from .metrics import REPORT_ROWS, OutputCollector, OutputMetrics
 from .runtime import Runner, pipelined
 from .score import Score
 from .stats import GroupStats, Moments
@@ -624,7 +624,7 @@ class Capture:
     the model output, label codes and targets of the report rows."""
 
     moments: dict[int, list[Moments]]  # layer index -> moments per label code
-    report: OutputCollector = field(default_factory=OutputCollector)
+    report: OutputCollector = field(default_factory=lambda: OutputCollector(cap=REPORT_ROWS))
     width: int | None = None  # values per row of the scored tensor, as the model produced them
 
 
@@ -675,7 +675,7 @@ def capture(model: onnx.ModelProto, layers: Sequence[LinearLayer], reader: RowRe
         in_report = report_mask(rows, holdout) if report else None
         if in_report is not None and in_report.any():
             cap.report.add(score.take(out[score.tensor], n)[in_report], rows.code[in_report],
-                           None if rows.target is None else rows.target[in_report])
+                           None if rows.target is None else rows.target[in_report], priority=rows.u[in_report])
         done += n
         progress("capture", done)
     runner.close()
@@ -718,7 +718,7 @@ def report_outputs(model: onnx.ModelProto, reader: RowReader, holdout: float, pr
                    score: Score, *, first_pass: bool = False) -> OutputCollector:
     """Pass 3: the model's scored output on the report rows, collected for the metrics. With `first_pass`, this is
     the reader's first pass (an evaluation file: every row of the compared groups is a report row)."""
-    collector = OutputCollector()
+    collector = OutputCollector(cap=REPORT_ROWS)
     runner = score_runner(model, score)
     done = 0
     rows_iter = reader(first_pass=True) if first_pass else reader(select="report", holdout=holdout)
@@ -726,7 +726,7 @@ def report_outputs(model: onnx.ModelProto, reader: RowReader, holdout: float, pr
         if first_pass and collector.width is None and len(rows.code):
             collector.width = int(np.asarray(out[score.tensor]).reshape(len(rows.code), -1).shape[1])
         n = len(rows.code)
-        collector.add(score.take(out[score.tensor], n), rows.code, rows.target)
+        collector.add(score.take(out[score.tensor], n), rows.code, rows.target, priority=rows.u)
         done += n
         progress("report", done)
     runner.close()

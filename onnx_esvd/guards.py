@@ -89,12 +89,9 @@ def input_fits(block: np.ndarray, dtype: np.dtype | type, columns: Sequence[str]
 
 
 def outputs_finite(collector, model: str, output: str, *, repaired: bool = False) -> None:
-    """Every collected output value (an OutputCollector of the rows measured) is finite."""
-    bad = total = 0
-    for code in (0, 1):
-        v = collector.values(code)
-        total += v.size
-        bad += int(v.size - np.count_nonzero(np.isfinite(v)))
+    """Every collected output value (an OutputCollector of the rows measured, every group, every row, also those
+    past the KS sample's cap) is finite."""
+    bad, total = collector.nonfinite, collector.cells
     if not bad:
         return
     share = f"{bad} of {total} output value{'s' if total != 1 else ''}"

@@ -60,10 +60,27 @@ def ks_max_pairwise(values_by_group: Sequence[np.ndarray]) -> tuple[float, tuple
     return best, pair
 
 
-def ks_to_overall(values_by_group: Sequence[np.ndarray]) -> list[float]:
-    """Per group, sup_t |F_g(t) - F(t)| with F the CDF of all groups' values pooled (nan for an empty group)."""
-    pooled = _sorted(np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in values_by_group]))
-    return [ks_sorted(_sorted(v), pooled) for v in values_by_group]
+def ks_to_overall(values_by_group: Sequence[np.ndarray], counts: Sequence[int] | None = None,
+                  chunk: int = 1 << 18) -> list[float]:
+    """Per group, sup_t |F_g(t) - F(t)| with F the CDF of all groups' values pooled (nan for an empty group).
+
+    With `counts` (each group's number of rows when `values_by_group` holds a sample of them), F is the
+    mixture `sum_h counts[h] F_h / sum counts` of the groups' sample CDFs, as if every row had been kept."""
+    srt = [_sorted(v) for v in values_by_group]
+    if counts is None:
+        pooled = np.sort(np.concatenate(srt))
+        return [ks_sorted(v, pooled) for v in srt]
+    live = [h for h in range(len(srt)) if srt[h].size]
+    total = float(sum(counts[h] for h in live))
+    best = [0.0 if v.size else float("nan") for v in srt]
+    for points in (srt[h] for h in live):  # every jump of every F_g (and so of F)
+        for start in range(0, points.size, chunk):
+            t = points[start:start + chunk]
+            cdf = {h: np.searchsorted(srt[h], t, side="right") / srt[h].size for h in live}
+            mix = sum(counts[h] / total * cdf[h] for h in live)
+            for h in live:
+                best[h] = max(best[h], float(np.max(np.abs(cdf[h] - mix))))
+    return best
 
 
 def ks_critical(n_g: int, n_h: int) -> float:

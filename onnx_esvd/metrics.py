@@ -8,13 +8,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .rowsample import water_level
 from .ks import PooledOrder, ks_critical, ks_max_pairwise, ks_noise_floor, ks_statistic, ks_to_overall
 
-__all__ = ["GroupSummary", "OutputMetrics", "OutputCollector", "output_metrics", "ks_statistic",
+__all__ = ["GroupSummary", "OutputMetrics", "OutputCollector", "REPORT_ROWS", "output_metrics", "ks_statistic",
            "ks_max_pairwise", "ks_noise_floor", "MIN_ESTIMABLE_ROWS", "NOISE_FLOOR_PERMUTATIONS"]
 
 #: A group with fewer evaluation rows is flagged not estimable (for k >= 3 left out of the aggregates).
 MIN_ESTIMABLE_ROWS = 30
+
+#: Report rows kept for the KS, its noise floor and the bootstrap intervals by the pipeline's passes: past this,
+#: a group-stratified sample of them (see `OutputCollector`), so that memory does not grow with the rows.
+REPORT_ROWS = 1_000_000
 
 #: Label permutations averaged by the noise floor (fewer for very many rows, see `_floor_permutations`).
 NOISE_FLOOR_PERMUTATIONS = 200
@@ -74,7 +79,14 @@ class OutputMetrics:
             resampled within groups; empty without `bootstrap`. KS and mean gap: basic (reflected) intervals
             for the population value (see `_bootstrap`); MSE: percentile interval.
         not_estimable: labels of groups with fewer than MIN_ESTIMABLE_ROWS rows.
+        ks_rows: rows the KS, KS vs all, critical value, noise floor and intervals were measured on: `rows`, or
+            fewer when the report rows passed the collector's cap (a group-stratified sample of them).
     """
+
+    @property
+    def ks_sampled(self) -> bool:
+        return self.ks_rows is not None and self.ks_rows < self.rows
+
 
     ks: float
     mean_gap: float
@@ -89,6 +101,7 @@ class OutputMetrics:
     noise_floor: float = float("nan")
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     not_estimable: tuple[str, ...] = ()
+    ks_rows: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"ks": self.ks, "mean_gap": self.mean_gap, "mse": self.mse, "mae": self.mae,
@@ -98,7 +111,8 @@ class OutputMetrics:
         out.update({"ks_pair": list(self.ks_pair), "ks_overall": self.ks_overall, "ks_critical": self.ks_critical,
                     "noise_floor": self.noise_floor,
                     "intervals": {name: list(iv) for name, iv in self.intervals.items()},
-                    "not_estimable": list(self.not_estimable)})
+                    "not_estimable": list(self.not_estimable),
+                    "ks_rows": self.rows if self.ks_rows is None else self.ks_rows})
         return out
 
 
@@ -130,9 +144,22 @@ class OutputCollector:
     Keeps one value per row and output column in the model's own float dtype plus, with a target,
     each row's squared error summed over columns in float64 (for bootstrap intervals of the MSE); the
     target itself is never stored. Means, spreads, MSE and MAE are summed on the fly.
+
+    With `cap` (the pipeline's passes set REPORT_ROWS), at most about `cap` rows are kept for the KS, its
+    noise floor and the bootstrap: a group-stratified sample that keeps every row of a group up to a common
+    level (as `rowsample.StratifiedSample`), chosen by each row's `priority` (a seeded uniform number per
+    data row, so that the before and after passes keep the same rows). Below the cap nothing changes; above
+    it `OutputMetrics.ks_rows` says on how many rows the KS was measured. Means, spreads, MSE and MAE always
+    cover every row.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, cap: int | None = None) -> None:
+        if cap is not None and cap < 1:
+            raise ValueError(f"cap {cap} must be a positive number of rows")
+        self.cap = cap
+        self._prio: list[list[np.ndarray]] = []  # per code: priorities of the kept rows (with a cap)
+        self._kept: list[int] = []  # per code: rows kept (buffered) for the KS
+        self._cut: list[float | None] = []  # per code: rows with a larger priority can never be kept
         self._pred: list[list[np.ndarray]] = []  # per code: [n_c, cols] blocks in the model's dtype
         self._row_sq: list[list[np.ndarray]] = []  # per code: [n_c] squared error of each row (with a target)
         self._values: list[_Scalar] = []  # per code, over all output columns
@@ -142,9 +169,14 @@ class OutputCollector:
         self._abs_err: list[float] = []
         self.has_target: bool | None = None
         self.width: int | None = None  # values per row of the scored tensor (set by the pass that fills it)
+        self.cells = 0  # output values added (every row of every group, kept for the KS or not)
+        self.nonfinite = 0  # of those, NaN or infinite
 
     def _grow(self, codes: int) -> None:
         while len(self._rows) < codes:
+            self._prio.append([])
+            self._kept.append(0)
+            self._cut.append(None)
             self._pred.append([])
             self._row_sq.append([])
             self._values.append(_Scalar())
@@ -158,7 +190,9 @@ class OutputCollector:
         return sum(self._rows)
 
     def values(self, code: int) -> np.ndarray:
-        """Every output value of the rows with group code `code`, [n_c, cols] in the model's dtype."""
+        """The output values of the rows with group code `code` that the KS uses (every row below the cap),
+        [n_c, cols] in the model's dtype."""
+        self._finish_sample()
         blocks = self._pred[code] if code < len(self._pred) else []
         return np.concatenate(blocks) if blocks else np.zeros((0, 1), dtype=np.float32)
 
@@ -166,9 +200,12 @@ class OutputCollector:
         """Rows added with group code `code`."""
         return self._rows[code] if 0 <= code < len(self._rows) else 0
 
-    def add(self, pred: np.ndarray, code: np.ndarray, target: np.ndarray | None = None) -> None:
-        """Add `pred: [n] or [n, cols]` with group codes `code: [n]` (0..k-1; < 0 skipped) and
-        `target: [n] or [n, cols]`."""
+    def add(self, pred: np.ndarray, code: np.ndarray, target: np.ndarray | None = None,
+            priority: np.ndarray | None = None) -> None:
+        """Add `pred: [n] or [n, cols]` with group codes `code: [n]` (0..k-1; < 0 skipped),
+        `target: [n] or [n, cols]` and, with a cap, `priority: [n]` float (which rows the KS sample keeps)."""
+        if self.cap is not None and priority is None:
+            raise ValueError("a capped OutputCollector needs a priority per row")
         p = np.asarray(pred)
         p = p.reshape(p.shape[0], -1)
         if p.dtype not in (np.float32, np.float64):
@@ -181,18 +218,61 @@ class OutputCollector:
             self._grow(int(c.max()) + 1)
         for g in np.unique(c[c >= 0]):
             mask = c == g
-            self._pred[g].append(p[mask])
-            pg = self._pred[g][-1].astype(np.float64)
+            pg = p[mask].astype(np.float64)
             self._rows[g] += int(mask.sum())
+            self.cells += pg.size
+            self.nonfinite += int(pg.size - np.count_nonzero(np.isfinite(pg)))
             self._values[g].add(pg)
             col = pg.sum(axis=0)
             self._column_sum[g] = col if self._column_sum[g] is None else self._column_sum[g] + col
+            keep = slice(None)
+            if self.cap is not None:
+                prio = np.asarray(priority, dtype=np.float64).reshape(-1)[mask]
+                keep = prio <= self._cut[g] if self._cut[g] is not None else slice(None)
+                self._prio[g].append(prio[keep])
+                self._kept[g] += int(self._prio[g][-1].size)
+            self._pred[g].append(p[mask][keep])
             if t is not None:
                 err = pg - t[mask]
                 sq = err * err
-                self._row_sq[g].append(sq.sum(axis=1))
+                self._row_sq[g].append(sq.sum(axis=1)[keep])
                 self._sq_err[g] += float(np.sum(sq))
                 self._abs_err[g] += float(np.sum(np.abs(err)))
+        if self.cap is not None:
+            level = water_level(self._rows, self.cap, 0)
+            for g in range(len(self._rows)):
+                if self._kept[g] > level + max(level // 4, c.size):
+                    self._trim(g, level)
+
+    def _trim(self, g: int, level: int) -> None:
+        """Keep the `level` rows of code g with the smallest priorities (their order kept)."""
+        prio = np.concatenate(self._prio[g]) if self._prio[g] else np.zeros(0)
+        if prio.size > level:
+            keep = np.sort(np.argpartition(prio, level - 1)[:level]) if level > 0 else np.zeros(0, dtype=np.int64)
+            if level > 0:
+                self._cut[g] = float(prio[keep].max())
+        else:
+            keep = slice(None)
+        self._prio[g] = [prio[keep]]
+        self._pred[g] = [np.concatenate(self._pred[g])[keep]] if self._pred[g] else []
+        if self._row_sq[g]:
+            self._row_sq[g] = [np.concatenate(self._row_sq[g])[keep]]
+        self._kept[g] = int(self._prio[g][0].size)
+
+    def _finish_sample(self) -> None:
+        """Trim every code to the final level (the KS sample is complete)."""
+        if self.cap is None:
+            return
+        level = water_level(self._rows, self.cap, 0)
+        for g in range(len(self._rows)):
+            if self._kept[g] > level:
+                self._trim(g, level)
+
+    def kept_of(self, code: int) -> int:
+        """Rows of code `code` kept for the KS (all of them without a cap or below it)."""
+        if not 0 <= code < len(self._rows):
+            return 0
+        return self._kept[code] if self.cap is not None else self._rows[code]
 
     def result(self, labels: Sequence[str], group_of_code: np.ndarray | None = None, *, bootstrap: int = 0,
                seed: int = 0) -> OutputMetrics:
@@ -201,6 +281,7 @@ class OutputCollector:
         which also seeds the noise floor."""
         k = len(labels)
         self._grow(k)
+        self._finish_sample()
         order = list(range(k))  # order[g]: the code counted as group g
         if group_of_code is not None:
             groups = [int(x) for x in group_of_code]
@@ -210,6 +291,8 @@ class OutputCollector:
         cols = next((b[0].shape[1] for b in blocks if b), 1)
         pred = [np.concatenate(b) if b else np.zeros((0, cols)) for b in blocks]
         counts = [self._rows[c] for c in order]
+        sizes = [p.shape[0] for p in pred]  # rows the KS is measured on (= counts below the cap)
+        sampled = sizes != counts
         estimable = [n >= MIN_ESTIMABLE_ROWS for n in counts]
         if k == 2:
             counted = [0, 1]
@@ -224,7 +307,7 @@ class OutputCollector:
             value, pair = ks_max_pairwise([pred[g][:, j] for g in counted])
             ks_cols.append(value)
             pairs.append(pair)
-            per = np.array(ks_to_overall([p[:, j] for p in pred]), dtype=np.float64)
+            per = np.array(ks_to_overall([p[:, j] for p in pred], counts if sampled else None), dtype=np.float64)
             overall = np.where(np.isnan(overall) | (per > overall), per, overall)
         best = int(np.nanargmax(ks_cols)) if not np.all(np.isnan(ks_cols)) else 0
         pair = pairs[best] if pairs[best] is not None else (0, 1)
@@ -256,7 +339,7 @@ class OutputCollector:
         if bootstrap > 0:
             point = {"ks": float(np.nanmax(ks_cols)) if len(ks_cols) and not np.all(np.isnan(ks_cols)) else np.nan,
                      "mean_gap": float(np.max(gaps))}
-            intervals = self._bootstrap(pred, order, counted, int(bootstrap), int(seed), point)
+            intervals = self._bootstrap(pred, order, counted, int(bootstrap), int(seed), point, counts)
         over_counted = [overall[g] for g in counted if not np.isnan(overall[g])]
         return OutputMetrics(
             ks=float(max(ks_cols)) if ks_cols else float("nan"),
@@ -268,14 +351,17 @@ class OutputCollector:
             ks_per_column=tuple(ks_cols),
             ks_pair=(str(labels[g_a]), str(labels[g_h])),
             ks_overall=float(max(over_counted)) if over_counted else float("nan"),
-            ks_critical=ks_critical(counts[g_a], counts[g_h]),
-            noise_floor=ks_noise_floor([counts[g] for g in counted], seed, _floor_permutations(rows_counted)),
+            ks_critical=ks_critical(sizes[g_a], sizes[g_h]),
+            noise_floor=ks_noise_floor([sizes[g] for g in counted], seed,
+                                       _floor_permutations(sum(sizes[g] for g in counted))),
+            ks_rows=sum(sizes),
             intervals=intervals,
             not_estimable=tuple(str(labels[g]) for g in range(k) if not estimable[g]),
         )
 
     def _bootstrap(self, pred: list[np.ndarray], order: list[int], counted: list[int], resamples: int,
-                   seed: int, point: dict[str, float] | None = None) -> dict[str, tuple[float, float]]:
+                   seed: int, point: dict[str, float] | None = None, counts: list[int] | None = None
+                   ) -> dict[str, tuple[float, float]]:
         """95% bootstrap intervals of ks, mean_gap (counted groups) and mse (all groups), rows resampled
         within each group; `pred[g]: [n_g, cols]` float.
 
@@ -283,14 +369,16 @@ class OutputCollector:
         resampled values sit higher still (more so the closer the groups are): their intervals are the basic
         (reflected) bootstrap around `point`, `[2 point - q97.5, 2 point - q2.5]` clipped at 0, an interval for
         the population value that reaches 0 when the groups agree (it may then lie below the observed value).
-        MSE's is the percentile interval."""
+        MSE's is the percentile interval; with a capped sample (`counts`: every group's rows, `pred` a
+        group-stratified sample of them) each group's squared errors count `counts[g] / n_g` times."""
         k, cols = len(pred), pred[0].shape[1]
         sizes = [p.shape[0] for p in pred]
         if any(sizes[g] == 0 for g in counted):
             return {}
         target = bool(self.has_target)
         row_sq = [np.concatenate(self._row_sq[c]) if self._row_sq[c] else np.zeros(0) for c in order]
-        cells = sum(sizes) * cols
+        share = [1.0 if counts is None or not sizes[g] else counts[g] / sizes[g] for g in range(k)]
+        cells = sum(share[g] * sizes[g] for g in range(k)) * cols
         vals = [[np.asarray(pred[g][:, j], dtype=np.float64) for g in counted] for j in range(cols)]
         pooled = [PooledOrder(v) for v in vals]
         rng = np.random.default_rng(seed)
@@ -306,7 +394,8 @@ class OutputCollector:
                 gap = max(gap, max(means) - min(means))
             gap_b[b] = gap
             if target:
-                mse_b[b] = sum(float(np.einsum("i,i->", mult[g], row_sq[g])) for g in range(k) if sizes[g]) / cells
+                mse_b[b] = sum(share[g] * float(np.einsum("i,i->", mult[g], row_sq[g]))
+                               for g in range(k) if sizes[g]) / cells
         out = {"ks": ks_b, "mean_gap": gap_b}
         if target:
             out["mse"] = mse_b

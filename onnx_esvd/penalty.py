@@ -42,6 +42,8 @@ from .metrics import ks_statistic
 PenaltyKind = Literal["cdf", "w2"]
 N_THRESHOLDS = 64
 TAU_SHARE = 0.03
+#: Rows of the float64 [rows, N_THRESHOLDS] block the CDF penalty works on at once (32 MiB).
+CDF_BLOCK_ROWS = 1 << 16
 #: Groups with fewer evaluation rows than this are left out of the max pairwise KS.
 MIN_KS_ROWS = 30
 
@@ -64,12 +66,24 @@ class _Groups:
         self.slices = [slice(e - m.size, e) for e, m in zip(ends, self.members)]
         self.within = (self.v / self.w[self.index])[self.order]   # weights within each group, sum 1
         self._buffer: np.ndarray | None = None
+        self._blocks: tuple[int, list] | None = None
 
-    def workspace(self, columns: int) -> np.ndarray:
-        """A reused float64 buffer [n, columns] (contents undefined)."""
-        if self._buffer is None or self._buffer.shape[1] != columns:
-            self._buffer = np.empty((self.v.size, columns))
+    def workspace(self, columns: int, rows: int) -> np.ndarray:
+        """A reused float64 buffer [rows, columns] (contents undefined)."""
+        if self._buffer is None or self._buffer.shape != (rows, columns):
+            self._buffer = np.empty((rows, columns))
         return self._buffer
+
+    def blocks(self, size: int) -> list[tuple[int, int, int]]:
+        """(group, start, stop) ranges of the group-sorted rows, each within one group and at most `size` rows;
+        one range per group when all rows fit in `size`."""
+        if self._blocks is None or self._blocks[0] != size:
+            out = []
+            for g, sl in enumerate(self.slices):
+                step = sl.stop - sl.start if self.v.size <= size else size
+                out += [(g, a, min(a + step, sl.stop)) for a in range(sl.start, sl.stop, max(step, 1))]
+            self._blocks = (size, out)
+        return self._blocks[1]
 
 
 def cdf_penalty(s: np.ndarray, groups: _Groups, thresholds: np.ndarray, width: float) -> tuple[float, np.ndarray]:
@@ -77,22 +91,39 @@ def cdf_penalty(s: np.ndarray, groups: _Groups, thresholds: np.ndarray, width: f
 
     Works on the rows sorted by group with sigmoid(a) = (1 + tanh(a / 2)) / 2 and per-group einsum
     sums: no BLAS call on the [n, J] block (skinny BLAS products were 10-50x slower on a busy machine),
-    and in one reused [n, J] buffer (a fresh 100 MB array per call cost 4x the tanh itself).
+    and in one reused float64 buffer of at most CDF_BLOCK_ROWS rows (a fresh 100 MB array per call cost
+    4x the tanh itself). Up to CDF_BLOCK_ROWS rows the tanh block is computed once; beyond, it is
+    computed block by block twice (once for the CDFs, once for the gradient), so memory stays bounded.
     """
-    th = groups.workspace(thresholds.size)                                         # [n, J], group-sorted
-    np.subtract(s[groups.order, None], thresholds[None, :], out=th)
-    th *= 0.5 / width
-    np.tanh(th, out=th)
-    cdf = np.empty((groups.k, thresholds.size))
-    for g, sl in enumerate(groups.slices):
-        cdf[g] = 0.5 + 0.5 * np.einsum("i,ij->j", groups.within[sl], th[sl])
+    n, J = s.size, thresholds.size
+    scale = 0.5 / width
+    ordered = s[groups.order]
+    blocks = groups.blocks(CDF_BLOCK_ROWS)
+    buf = groups.workspace(J, min(n, CDF_BLOCK_ROWS))
+    whole = n <= CDF_BLOCK_ROWS
+
+    def tanh_block(a: int, b: int) -> np.ndarray:
+        th = buf[:b - a] if not whole else buf[a:b]
+        np.subtract(ordered[a:b, None], thresholds[None, :], out=th)
+        th *= scale
+        np.tanh(th, out=th)
+        return th
+
+    if whole:
+        tanh_block(0, n)
+    acc = np.zeros((groups.k, J))
+    for g, a, b in blocks:
+        th = buf[a:b] if whole else tanh_block(a, b)
+        acc[g] += np.einsum("i,ij->j", groups.within[a:b], th)
+    cdf = 0.5 + 0.5 * acc
     dev = cdf - groups.w @ cdf                                                     # F_g - Fbar, [k, J]
     value = float(groups.w @ np.einsum("gj,gj->g", dev, dev)) / groups.tau
-    th *= th                                                                       # sigmoid' = (1 - th^2) / 4
-    inner = np.empty(s.size)
-    for g, sl in enumerate(groups.slices):
-        inner[sl] = dev[g].sum() - np.einsum("ij,j->i", th[sl], dev[g])
-    grad = np.empty(s.size)
+    inner = np.empty(n)
+    for g, a, b in blocks:
+        th = buf[a:b] if whole else tanh_block(a, b)
+        th *= th                                                                   # sigmoid' = (1 - th^2) / 4
+        inner[a:b] = dev[g].sum() - np.einsum("ij,j->i", th, dev[g])
+    grad = np.empty(n)
     grad[groups.order] = (0.5 / (groups.tau * width)) * groups.v[groups.order] * inner
     return value, grad
 

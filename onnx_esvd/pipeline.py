@@ -479,6 +479,7 @@ def _repair_prepared(prep: _Prepared, options: RepairOptions, progress: Progress
     penalty = None
     if collected is not None:
         refit_report, penalty = _apply_refit(patched, prep, collected, rspec)
+    collected = None  # the refit's row sample is not kept through the report pass
     return _finish(prep, patched, result, refit_report, refit_note, options, progress, penalty)
 
 

@@ -142,7 +142,7 @@ def penalised(model: onnx.ModelProto, chain_layers: Any, sample: Any, start: ref
     parts = [(read_weight(model, lay), read_bias(model, lay), act)
              for lay, act in zip(layers[:-1], chain_layers.activations[:-1])]
     parts.append((start.coef, start.intercept, "identity"))
-    rows = sample.result()
+    rows = sample.result(np.float64)  # the rows are handed over in float64 (no float32 copy kept beside them)
     new, diag = penalised_fit(rows.x, rows.t, rows.group, Chain(parts), lam=float(spec.lam), kind=spec.mode,
                               tune=len(layers), ridge=float(report.alpha), weights=rows.weight)
     for lay, fitted in zip(layers, new.layers):

@@ -11,10 +11,16 @@ stream), not on batch boundaries: a row's priority is a 64-bit hash of (seed, in
 its L smallest priorities, and L only falls as rows arrive, so a row dropped early would never have
 been kept at the end. Each kept row carries the weight `n_g / kept_g` (how many seen rows it stands
 for), so population averages (the MSE term of a refit) can be restored.
+
+Memory: once a group has been trimmed to L rows, the largest priority it kept is a cut that can only
+fall, so an incoming row above it is dropped at once (never copied); a group is trimmed again when
+its buffer passes L plus a quarter of L (at least one batch). At the end `result()` hands the rows
+over (the sample is empty afterwards), optionally already in float64, without a second copy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,6 +105,8 @@ class StratifiedSample:
         self._buffered: dict[int, int] = {}
         self._has_fold: bool | None = None
         self._width: tuple[int, int] | None = None
+        self._cut: dict[int, int] = {}  # per group: rows with a larger priority can never be kept
+        self._result: RowSample | None = None
 
     @property
     def seen(self) -> dict[int, int]:
@@ -146,41 +154,81 @@ class StratifiedSample:
         for c, code in enumerate(codes.tolist()):
             sel = np.flatnonzero(inverse == c)
             self._seen[code] = self._seen.get(code, 0) + sel.size
+            if code in self._cut:
+                sel = sel[prio[sel] <= np.uint64(self._cut[code])]
             chunk = (x[sel], t[sel], None if fold is None else fold[sel], index[sel], prio[sel])
             self._chunks.setdefault(code, []).append(chunk)
             self._buffered[code] = self._buffered.get(code, 0) + sel.size
         level = self.level()
+        slack = max(level // 4, n)
         for code in self._chunks:
-            if self._buffered[code] > 2 * level:
+            if self._buffered[code] > level + slack:
                 self._trim(code, level)
 
     def _trim(self, code: int, level: int) -> None:
+        """Keep the `level` smallest priorities of group `code` in one block (only the kept rows are copied)."""
         chunks = self._chunks[code]
-        parts = [np.concatenate([c[i] for c in chunks]) if chunks[0][i] is not None else None for i in range(5)]
-        if parts[4].size > level:
-            keep = np.sort(np.argpartition(parts[4], level - 1)[:level]) if level > 0 else np.array([], int)
-            parts = [None if p is None else p[keep] for p in parts]
+        prio = np.concatenate([c[4] for c in chunks]) if len(chunks) > 1 else chunks[0][4]
+        keep = None
+        if prio.size > level:
+            keep = np.sort(np.argpartition(prio, level - 1)[:level]) if level > 0 else np.zeros(0, dtype=np.int64)
+            if level > 0:
+                self._cut[code] = int(prio[keep].max())
+        if keep is None and len(chunks) == 1:
+            return
+        offsets = np.cumsum([0] + [c[4].size for c in chunks])
+        bounds = None if keep is None else np.searchsorted(keep, offsets)
+        parts = []
+        for i in range(5):
+            if chunks[0][i] is None:
+                parts.append(None)
+            elif keep is None:
+                parts.append(np.concatenate([c[i] for c in chunks]))
+            else:
+                parts.append(np.concatenate([c[i][keep[bounds[j]:bounds[j + 1]] - offsets[j]]
+                                             for j, c in enumerate(chunks)]))
         self._chunks[code] = [tuple(parts)]
         self._buffered[code] = parts[4].size
 
-    def result(self) -> RowSample:
-        """The kept rows of every group, sorted by global row index."""
+    def result(self, dtype: np.dtype | type | None = None) -> RowSample:
+        """The kept rows of every group, sorted by global row index; `x` in `dtype` (default: as added).
+
+        The buffered rows are handed over (freed as they are copied) and the result is kept: later calls
+        return the same rows (in `dtype`)."""
         if not self._seen:
             raise DataError("the row sample is empty: no rows were added")
+        if self._result is not None:
+            done = self._result
+            if dtype is not None and done.x.dtype != np.dtype(dtype):
+                done = dataclasses.replace(done, x=done.x.astype(dtype))
+            return done
         level = self.level()
         for code in self._chunks:
             self._trim(code, level)
         codes = sorted(self._chunks)
         parts = [self._chunks[c][0] for c in codes]
+        self._chunks, self._buffered = {}, {}
         kept = {c: int(p[4].size) for c, p in zip(codes, parts)}
         group = np.concatenate([np.full(kept[c], c, dtype=np.int64) for c in codes])
         weight = np.concatenate([np.full(kept[c], self._seen[c] / kept[c]) for c in codes if kept[c]])
         index = np.concatenate([p[3] for p in parts])
         order = np.argsort(index, kind="stable")
         fold = np.concatenate([p[2] for p in parts])[order] if self._has_fold else None
-        return RowSample(x=np.concatenate([p[0] for p in parts])[order], t=np.concatenate([p[1] for p in parts])[order],
-                         group=group[order], fold=fold, index=index[order], weight=weight[order],
-                         seen={c: self._seen[c] for c in codes}, kept=kept)
+        t = np.concatenate([p[1] for p in parts])[order]
+        # x: one output array, filled group by group (each group's block freed as soon as it is copied)
+        total = int(index.size)
+        x = np.empty((total, parts[0][0].shape[1]), dtype=parts[0][0].dtype if dtype is None else dtype)
+        where = np.empty(total, dtype=np.int64)
+        where[order] = np.arange(total)  # output row of each concatenated row
+        start = 0
+        for i in range(len(parts)):
+            block = parts[i][0]
+            x[where[start:start + block.shape[0]]] = block
+            start += block.shape[0]
+            parts[i] = None
+        self._result = RowSample(x=x, t=t, group=group[order], fold=fold, index=index[order], weight=weight[order],
+                                 seen={c: self._seen[c] for c in codes}, kept=kept)
+        return self._result
 
     # -- sharding: kept rows depend only on (seed, global row index), so disjoint shards merge exactly --------
 

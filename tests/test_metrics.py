@@ -310,3 +310,74 @@ def test_noise_floor_matches_a_brute_force_permutation_estimate(sizes):
     om = output_metrics(pooled, labels, [str(g) for g in range(len(sizes))], seed=1)
     assert om.noise_floor == floor  # the metrics report the same estimate
     assert np.isnan(ks_noise_floor([10, 0]))
+
+
+# ----------------------------------------------------------------------------- capped report rows
+def _capped_data(seed: int, n: int = 6000):
+    rng = np.random.default_rng(seed)
+    code = (rng.random(n) < 0.15).astype(np.int64)
+    pred = (rng.normal(size=n) + 0.4 * code).astype(np.float32)
+    target = pred + rng.normal(size=n)
+    prio = rng.random(n)
+    return pred, code, target, prio
+
+
+def _feed_capped(collector, pred, code, target, prio, sizes):
+    start = 0
+    for size in sizes:
+        sl = slice(start, start + size)
+        collector.add(pred[sl], code[sl], target[sl], priority=prio[sl])
+        start += size
+    return collector
+
+
+def test_capped_collector_below_its_cap_changes_nothing():
+    pred, code, target, prio = _capped_data(0)
+    full = _feed_capped(OutputCollector(), pred, code, target, prio, [1000] * 6).result(["a", "b"], bootstrap=50, seed=1)
+    capped = _feed_capped(OutputCollector(cap=6000), pred, code, target, prio, [1000] * 6).result(["a", "b"], bootstrap=50,
+                                                                                        seed=1)
+    assert capped == full and capped.ks_rows == full.rows and not capped.ks_sampled
+
+
+@settings(max_examples=10, deadline=None)
+@given(cuts=st.lists(st.integers(1, 5999), max_size=5))
+def test_capped_collector_keeps_a_stratified_sample_independent_of_batches(cuts):
+    pred, code, target, prio = _capped_data(1)
+    n = pred.size
+    edges = list(np.diff(np.r_[0, sorted(set(cuts)), n]).astype(int))
+    res = _feed_capped(OutputCollector(cap=2000), pred, code, target, prio, edges)
+    m = res.result(["a", "b"], bootstrap=20, seed=0)
+    minority = int(np.sum(code == 1))
+    level = 2000 - minority
+    kept_major = np.flatnonzero(code == 0)[np.argsort(prio[code == 0])[:level]]  # smallest priorities
+    assert np.array_equal(np.sort(res.values(0)[:, 0]), np.sort(pred[kept_major]))
+    assert np.array_equal(np.sort(res.values(1)[:, 0]), np.sort(pred[code == 1]))  # every minority row
+    assert m.ks_rows == 2000 and m.rows == n and m.ks_sampled
+    assert m.ks == ks_statistic(pred[kept_major], pred[code == 1])
+    # means and MSE cover every row, not the sample
+    assert m.groups[0].mean == pytest.approx(float(np.mean(pred[code == 0].astype(np.float64))), rel=1e-12)
+    assert m.mse == pytest.approx(float(np.mean((pred.astype(np.float64) - target) ** 2)), rel=1e-12)
+    assert m.ks_critical == pytest.approx(1.36 * np.sqrt(1 / level + 1 / minority))
+    # KS against everyone: the groups' sample CDFs mixed by their full sizes
+    t = np.sort(pred)
+    f0 = np.searchsorted(np.sort(pred[kept_major]), t, side="right") / level
+    f1 = np.searchsorted(np.sort(pred[code == 1]), t, side="right") / minority
+    mix = ((n - minority) * f0 + minority * f1) / n
+    assert m.groups[1].ks_overall == pytest.approx(float(np.max(np.abs(f1 - mix))), abs=1e-12)
+
+
+def test_capped_collector_counts_non_finite_outputs_of_rows_it_did_not_keep():
+    from onnx_esvd.errors import ModelError
+    from onnx_esvd.guards import outputs_finite
+
+    pred, code, target, prio = _capped_data(2)
+    pred[np.argmax(prio * (code == 0))] = np.nan  # the majority row with the largest priority: never kept
+    res = _feed_capped(OutputCollector(cap=2000), pred, code, target, prio, [1000] * 6)
+    assert np.isfinite(res.values(0)).all() and res.nonfinite == 1 and res.cells == pred.size
+    with pytest.raises(ModelError, match="1 of 6000 output values"):
+        outputs_finite(res, "m.onnx", "y")
+
+
+def test_capped_collector_needs_priorities():
+    with pytest.raises(ValueError, match="priority"):
+        OutputCollector(cap=10).add(np.zeros(3), np.zeros(3, dtype=np.int64))

@@ -125,6 +125,22 @@ def test_cdf_penalty_k2_is_the_binary_sum_and_k3_the_pair_weighted_sum():
     assert cdf_penalty(s, grp, u, width)[0] == pytest.approx(pairs, rel=1e-12)
 
 
+def test_cdf_penalty_in_blocks_equals_the_whole_block(monkeypatch):
+    """Past CDF_BLOCK_ROWS rows the tanh block is computed in bounded pieces (twice): same value and gradient."""
+    import onnx_esvd.penalty as pen
+
+    rng = np.random.default_rng(4)
+    s, g3 = rng.normal(size=1000), rng.integers(0, 3, size=1000)
+    u, width, weights = np.linspace(-1.5, 1.5, 11), 0.2, rng.uniform(0.5, 2.0, size=1000)
+    whole_value, whole_grad = cdf_penalty(s, _Groups(g3, weights), u, width)
+    monkeypatch.setattr(pen, "CDF_BLOCK_ROWS", 97)
+    grp = _Groups(g3, weights)
+    value, grad = cdf_penalty(s, grp, u, width)
+    assert grp.workspace(u.size, 97).shape == (97, u.size)  # the buffer is bounded by the block size
+    assert value == pytest.approx(whole_value, rel=1e-12)
+    assert np.max(np.abs(grad - whole_grad)) <= 1e-12 * np.abs(whole_grad).max()
+
+
 def test_w2_penalty_equal_sizes_is_matched_sorted_differences():
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=50), rng.normal(1.0, 2.0, size=50)
@@ -268,6 +284,28 @@ def test_sample_does_not_depend_on_batch_boundaries(cuts, seed):
     assert np.array_equal(one.index, many.index)
     other = feed(StratifiedSample(capacity=700, min_keep_per_group=50, seed=seed + 10), x, t, g, [n])
     assert not np.array_equal(one.index, other.index)
+
+
+def test_sample_buffers_stay_near_the_level_and_float64_result_is_exact():
+    """Rows above a group's cut are dropped on arrival: the buffer never holds much more than the level, and the
+    rows handed over (float64 on request) are exactly the rows an unbuffered sample keeps."""
+    rng = np.random.default_rng(7)
+    n = 40_000
+    g = (rng.random(n) < 0.2).astype(np.int64)
+    x = rng.normal(size=(n, 3)).astype(np.float32)
+    t = rng.normal(size=n)
+    sample = StratifiedSample(capacity=2000, min_keep_per_group=100, seed=3)
+    for start in range(0, n, 500):
+        sample.add(x[start:start + 500], t[start:start + 500], g[start:start + 500])
+        level = sample.level()
+        assert all(b <= level + max(level // 4, 500) for b in sample._buffered.values())
+    res = sample.result(np.float64)
+    one = feed(StratifiedSample(capacity=2000, min_keep_per_group=100, seed=3), x, t, g, [n])
+    assert res.x.dtype == np.float64 and np.array_equal(res.index, one.index)
+    assert np.array_equal(res.x, x[res.index].astype(np.float64)) and np.array_equal(res.weight, one.weight)
+    assert sample._chunks == {}  # handed over: no buffered copy is left beside the result
+    again = sample.result(np.float64)
+    assert again.x is res.x and np.array_equal(sample.result().index, res.index)  # later calls: the same rows
 
 
 def test_water_level_and_floor():

@@ -127,3 +127,31 @@ def test_repairing_a_repaired_model_warns(tmp_path):
     assert any(p.key == METADATA_KEY for p in first.model.metadata_props)
     again = repair(first.model, SHUFFLED, layer=-2, group="race1", target="ugpa", bootstrap=0)
     assert any("already carries an onnx_esvd.repair record" in w for w in again.warnings)
+
+
+def test_gram_route_of_the_esvd_steps_keeps_real_layers_to_1e9(monkeypatch):
+    """The ESVD steps' thin SVD through the Gram matrix (used from GRAM_FROM singular values on) against LAPACK's
+    SVD on every repairable layer of the fixtures' real, rank-deficient models (dead ReLU units)."""
+    import onnx_esvd.esvd as esvd_mod
+    import onnx_esvd.pipeline as pipeline_mod
+
+    seen = []
+    real_esvd = pipeline_mod.esvd
+    monkeypatch.setattr(pipeline_mod, "esvd", lambda w, stats, **kw: seen.append((w, stats, kw)) or real_esvd(
+        w, stats, **kw))
+    for model in ("law_school_mlp_legacy.onnx", "law_school_mlp_dynamo.onnx"):
+        for layer in (0, 1, -2):
+            repair(FIXTURES / model, FIXTURES / "law_school.csv", layer=layer, group="race1", target="ugpa",
+                   refit="fair", bootstrap=0)
+    assert len(seen) == 6
+    deficient = 0
+    for w, stats, kw in seen:
+        monkeypatch.setattr(esvd_mod, "GRAM_FROM", 10**9)
+        by_svd = esvd_mod.esvd(w, stats, **kw)
+        monkeypatch.setattr(esvd_mod, "GRAM_FROM", 1)
+        by_gram = esvd_mod.esvd(w, stats, **kw)
+        for got, want in ((by_gram.weight, by_svd.weight), (by_gram.weight_step1, by_svd.weight_step1)):
+            assert np.max(np.abs(got - want)) <= 1e-9 * np.max(np.abs(want))
+        assert not np.array_equal(by_gram.weight, by_svd.weight)  # the routes differ (so this compares two)
+        deficient += by_svd.second.rank < w.shape[1]
+    assert deficient  # some of these layers are rank deficient
