@@ -754,6 +754,22 @@ class OutputDrift:
                 "max_abs_change": self.max_abs}
 
 
+def add_drift(acc: list, old: Any, new: Any) -> None:
+    """Add one batch of an output before (`old`) and after (`new`) to `acc` = [values, sum of squared
+    changes, sum, sum of squares, largest absolute change]; a non-tensor output (a ZipMap's maps) is skipped
+    (it is measured through its input)."""
+    try:
+        o = np.asarray(old, dtype=np.float64).ravel()
+        d = np.asarray(new, dtype=np.float64).ravel() - o
+    except (TypeError, ValueError):
+        return
+    acc[0] += o.size
+    acc[1] += float(d @ d)
+    acc[2] += float(o.sum())
+    acc[3] += float(o @ o)
+    acc[4] = max(acc[4], float(np.max(np.abs(d)))) if d.size else acc[4]
+
+
 def output_drift(original: onnx.ModelProto, patched: onnx.ModelProto, reader: RowReader, holdout: float,
                  names: Sequence[str], progress: Progress) -> list[OutputDrift]:
     """Run both models on the report rows and measure how far each named output moved (nothing stored per row)."""
@@ -765,17 +781,7 @@ def output_drift(original: onnx.ModelProto, patched: onnx.ModelProto, reader: Ro
     for rows, (old, new) in pipelined(reader(select="report", holdout=holdout),
                                       lambda r: (before.run(r.feeds), after.run(r.feeds))):
         for name in names:
-            try:
-                o = np.asarray(old[name], dtype=np.float64).ravel()
-                d = np.asarray(new[name], dtype=np.float64).ravel() - o
-            except (TypeError, ValueError):  # not a tensor (a ZipMap's maps): measured through its input
-                continue
-            acc = sums[name]
-            acc[0] += o.size
-            acc[1] += float(d @ d)
-            acc[2] += float(o.sum())
-            acc[3] += float(o @ o)
-            acc[4] = max(acc[4], float(np.max(np.abs(d)))) if d.size else acc[4]
+            add_drift(sums[name], old[name], new[name])
         done += len(rows.code)
         progress("other outputs", done)
     before.close()

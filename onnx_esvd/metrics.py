@@ -334,7 +334,6 @@ class OutputCollector:
         cells = sum(counts) * cols
         sq_total = sum(self._sq_err[c] for c in order)
         abs_total = sum(self._abs_err[c] for c in order)
-        rows_counted = sum(counts[g] for g in counted)
         intervals = {}
         if bootstrap > 0:
             point = {"ks": float(np.nanmax(ks_cols)) if len(ks_cols) and not np.all(np.isnan(ks_cols)) else np.nan,

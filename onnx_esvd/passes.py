@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import refit as refit_mod
-from .capture import DataSpec, as_rows, layer_rows, report_mask
+from .capture import DataSpec, add_drift, as_rows, layer_rows, report_mask
 from .errors import LayerError, OptionError
 from .partials import RefitPartial, ReportPartial, pack
 from .rowsample import fold_of
@@ -373,17 +373,7 @@ def report_map(task: PassTask, table: Any, *, name: str) -> ReportPartial:
         if rows.target is not None:
             targets.append(rows.target)
         for x in names:
-            try:
-                o = np.asarray(old[x], dtype=np.float64).ravel()
-                d = np.asarray(out[x], dtype=np.float64).ravel() - o
-            except (TypeError, ValueError):  # not a tensor (a ZipMap's maps)
-                continue
-            acc = sums[x]
-            acc[0] += o.size
-            acc[1] += float(d @ d)
-            acc[2] += float(o.sum())
-            acc[3] += float(o @ o)
-            acc[4] = max(acc[4], float(np.max(np.abs(d)))) if d.size else acc[4]
+            add_drift(sums[x], old[x], out[x])
     head = pass_identity(task, columns_of(reader), original=_hash(task.original or task.model),
                          measured=_hash(task.model))
     return ReportPartial(head, list(task.labels), np.concatenate(preds) if preds else np.zeros((0, 1), np.float32),

@@ -21,17 +21,17 @@ import onnx
 from ._version import __version__
 from . import _json
 from . import refit as refit_mod
-from .errors import DataError, LayerError, ModelError, OptionError
+from .errors import DataError, LayerError, OptionError
 from .esvd import EsvdResult, esvd
 from .guards import esvd_weight_fits, outputs_finite, stats_finite
 from .graph import (LinearLayer, find_layers, output_path_is_value_preserving,
-                    read_weight, select_layer, with_outputs, write_bias, write_weight)
-from .capture import (DataSpec, OutputDrift, Progress, RowReader, Rows, as_rows, capture, capture_metrics,
-                      data_spec, group_stats, layer_rows, open_rows, output_drift, reader_notes, report_outputs)
+                    read_weight, select_layer, with_outputs, write_weight)
+from .capture import (DataSpec, OutputDrift, Progress, RowReader, capture, capture_metrics, data_spec, group_stats,
+                      open_rows, output_drift, reader_notes, report_outputs)
 from .data import Table, open_table
 from .metrics import OutputMetrics
 from .modelio import LoadedModel, check_output_path, load_model, save_model
-from .runtime import Runner, pipelined
+from .runtime import Runner
 from .score import OtherOutput, Score, other_outputs, resolve_score
 from . import refits
 from .refits import MIN_KEEP, SAMPLE_ROWS, RefitSpec
@@ -325,6 +325,19 @@ class _Prepared:
         return self.loaded.model
 
 
+def resolve_repair(original: onnx.ModelProto, layer_spec: int | str, spec: DataSpec, refits: Sequence[str]
+                   ) -> tuple[Any, Any, LinearLayer, LinearLayer | None, list]:
+    """(score, found layers, the layer to repair, the final node, other outputs it feeds) of a repair, with the
+    refit modes checked against them."""
+    score = resolve_score(original, spec.score)
+    found = find_layers(original, score.tensor)
+    layer = select_layer(found, layer_spec)
+    final = found.final
+    for mode in refits:
+        _check_refit(mode, layer, final, found)
+    return score, found, layer, final, other_outputs(original, found, layer, final, score)
+
+
 def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: DataSpec, *, holdout: float,
              batch_size: int, seed: int, progress: Progress, refits: Sequence[str] = ("fair",),
              evaluate: Table | None = None, bootstrap: int = 0, layer_pass: LayerPass | None = None) -> _Prepared:
@@ -337,13 +350,7 @@ def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Dat
                               progress=progress, refits=refits, bootstrap=bootstrap, layer_pass=layer_pass,
                               evaluate=evaluate)
     original = loaded.model
-    score = resolve_score(original, spec.score)
-    found = find_layers(original, score.tensor)
-    layer = select_layer(found, layer_spec)
-    final = found.final
-    for mode in refits:
-        _check_refit(mode, layer, final, found)
-    others = other_outputs(original, found, layer, final, score)
+    score, found, layer, final, others = resolve_repair(original, layer_spec, spec, refits)
     reader = open_rows(original, table, spec, batch_size=batch_size, seed=seed)
     notes: list[str] = []
     if any(p.key == METADATA_KEY for p in original.metadata_props):

@@ -128,7 +128,6 @@ def solve(groups: Sequence[Moments], p: int, *, mode: RefitMode, alpha: float, f
     n = pooled.n
     second = pooled.scatter if fit_intercept else pooled.gram()
     szz, szt = second[:p, :p], second[:p, p:]
-    m = szt.shape[1]
     lhs = szz + alpha * n * np.eye(p)
     if mode == "fair":
         beta = _constrained(lhs, szt, parity_constraints(groups, p, ref), alpha)

@@ -163,19 +163,12 @@ def prepare_remote(loaded: Any, table: Any, layer_spec: int | str, spec: DataSpe
                    layer_pass: Any, evaluate: Any = None) -> Any:
     """`pipeline._prepare` with pass 1 on the engine's workers: the same `_Prepared`, whose `remote` runs the
     later passes there too."""
-    from .graph import find_layers, read_weight, select_layer
+    from .graph import read_weight
     from .guards import outputs_finite, stats_finite
-    from .pipeline import METADATA_KEY, _check_refit, _Prepared
-    from .score import other_outputs, resolve_score
+    from .pipeline import METADATA_KEY, _Prepared, resolve_repair
 
     original = loaded.model
-    score = resolve_score(original, spec.score)
-    found = find_layers(original, score.tensor)
-    layer = select_layer(found, layer_spec)
-    final = found.final
-    for mode in refits:
-        _check_refit(mode, layer, final, found)
-    others = other_outputs(original, found, layer, final, score)
+    score, _found, layer, final, others = resolve_repair(original, layer_spec, spec, refits)
     inputs = plan_inputs(original, table, spec)  # column errors here, once, before any task runs
     paths = data_files(table)
     eval_inputs = None if evaluate is None else plan_inputs(original, evaluate, spec)
