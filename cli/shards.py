@@ -126,7 +126,7 @@ def register(app: typer.Typer) -> None:
 
 def _capture_dask(model, sources, layer, group, groups, target, features, score, dropna, holdout, seed, first_row,
                   batch_size, scheduler, progress):
-    from onnx_esvd.capture import data_spec
+    from onnx_esvd.rows import data_spec
     from onnx_esvd.engines.dask_engine import layer_pass_dask, require_dask
     from onnx_esvd.errors import OptionError
 

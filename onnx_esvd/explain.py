@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .capture import (capture, capture_metrics, data_spec, group_stats, open_rows, reader_notes, source_name)
+from .capture import capture, capture_metrics, group_stats
+from .rows import data_spec, open_rows, reader_notes, source_name
 from .errors import OptionError
 from .esvd import MomentGap, disparity_view
 from .graph import LinearLayer, find_layers, read_weight

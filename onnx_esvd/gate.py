@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .capture import (Progress, capture, capture_metrics, check_groups_present, data_spec, open_rows, reader_notes,
-                      source_name)
+from .capture import Progress, capture, capture_metrics, check_groups_present
+from .rows import data_spec, open_rows, reader_notes, source_name
 from .errors import OptionError
 from .guards import outputs_finite
 from .metrics import OutputMetrics

@@ -74,7 +74,7 @@ def capture_layer(model: Any, data: Any, layer: int | str, *, group: str, groups
     so that the shards of one data set get the holdout split the whole data set would get. The other options
     mean what they mean for `repair`; pass the same to every shard and to the repair that uses them.
     """
-    from .capture import data_spec, open_rows
+    from .rows import data_spec, open_rows
     from .modelio import load_model
 
     _check_split(holdout, seed)

@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import refit as refit_mod
-from .capture import DataSpec, add_drift, as_rows, layer_rows, report_mask
+from .capture import add_drift, as_rows, layer_rows, report_mask
+from .rows import DataSpec
 from .errors import LayerError, OptionError
 from .partials import RefitPartial, ReportPartial, pack
 from .rowsample import fold_of
@@ -151,7 +152,7 @@ def run_pass(task: PassTask, path: str, first_row: int = 0) -> bytes:
     worker's core count, and a worker per core does not oversubscribe the machine."""
     from threadpoolctl import threadpool_limits
 
-    from .capture import open_rows
+    from .rows import open_rows
     from .layer_pass import open_data
 
     path = os.fspath(path)
@@ -261,7 +262,7 @@ def selected(reader: Any, select: str, holdout: float, labels: Sequence[str],
     """One read of a file's rows of the compared groups: (Rows of `select` ("fit": u >= holdout, "report": u <
     holdout or all with holdout 0, "all"; "eval": all, rows of labels not in `labels` skipped and counted in
     `skipped[0]`), their group index in `labels` order) per batch."""
-    from .capture import Rows
+    from .rows import Rows
 
     for rows in reader(first_pass=True):
         if select in ("all", "eval") or (select == "report" and holdout <= 0):
@@ -322,7 +323,7 @@ def refit_batches(batches: Any, runner: Runner, teacher: Runner | None, finals: 
 
 def refit_map(task: PassTask, table: Any, *, name: str) -> RefitPartial:
     """Pass 2 over one file as a `RefitPartial` (group codes: `task.labels` order)."""
-    from .capture import open_rows
+    from .rows import open_rows
     from .rowsample import StratifiedSample
 
     fetch = [(f.input, f.elem_type) for f in task.finals]
@@ -347,7 +348,7 @@ def refit_map(task: PassTask, table: Any, *, name: str) -> RefitPartial:
 def report_map(task: PassTask, table: Any, *, name: str) -> ReportPartial:
     """Pass 3 over one file: the scored output of `task.model` on the report rows (group codes: `task.labels`
     order) and the change of each `task.drift` output from the original model's."""
-    from .capture import open_rows
+    from .rows import open_rows
 
     score = task.score
     names = list(task.drift)

@@ -26,8 +26,8 @@ from .esvd import EsvdResult, esvd
 from .guards import esvd_weight_fits, outputs_finite, stats_finite
 from .graph import (LinearLayer, find_layers, output_path_is_value_preserving,
                     read_weight, select_layer, with_outputs, write_weight)
-from .capture import (DataSpec, OutputDrift, Progress, RowReader, capture, capture_metrics, data_spec, group_stats,
-                      open_rows, output_drift, reader_notes, report_outputs)
+from .capture import OutputDrift, Progress, capture, capture_metrics, group_stats, output_drift, report_outputs
+from .rows import DataSpec, RowReader, data_spec, open_rows, reader_notes
 from .data import Table, open_table
 from .metrics import OutputMetrics
 from .modelio import LoadedModel, check_output_path, load_model, save_model

@@ -15,7 +15,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import onnx
 
-from .capture import Capture, DataSpec, GroupIndex, OutputDrift, _sort_key, capture_metrics, plan_inputs, reader_notes
+from .capture import Capture, OutputDrift, capture_metrics
+from .rows import DataSpec, GroupIndex, _sort_key, plan_inputs, reader_notes
 from .errors import DataError, OptionError
 from .partials import RefitPartial, ReportPartial, unpack
 from .passes import PassTask
@@ -23,7 +24,7 @@ from .shards import LayerPartial, merge_all
 
 
 class RemoteRows:
-    """What the client knows of the rows without reading them (stands in for a `capture.RowReader` after pass 1):
+    """What the client knows of the rows without reading them (stands in for a `rows.RowReader` after pass 1):
     counts and group labels from the merged layer statistics, the column plan from the files' headers."""
 
     def __init__(self, name: str, spec: DataSpec, seed: int, partial: LayerPartial, inputs: list) -> None:

@@ -59,7 +59,7 @@ def model_hash(model: onnx.ModelProto) -> str:
 def identity(model: onnx.ModelProto | str, layer: Any, columns: Mapping[str, Sequence[str]], spec: Any, *,
              holdout: float, seed: int) -> dict:
     """The header fields a partial is checked against. `model`: a ModelProto or its `model_hash`; `layer`: a
-    `graph.LinearLayer`; `columns`: {model input: data columns}; `spec`: a `capture.DataSpec`."""
+    `graph.LinearLayer`; `columns`: {model input: data columns}; `spec`: a `rows.DataSpec`."""
     return {
         "model_sha256": model if isinstance(model, str) else model_hash(model),
         "layer": {"index": int(layer.index), "name": str(layer.name), "in_features": int(layer.in_features)},
@@ -74,7 +74,7 @@ def identity(model: onnx.ModelProto | str, layer: Any, columns: Mapping[str, Seq
 
 
 def columns_of(reader: Any) -> dict[str, list[str]]:
-    """{model input: data columns} of a `capture.RowReader`."""
+    """{model input: data columns} of a `rows.RowReader`."""
     return {inp.name: list(inp.columns) for inp in reader.inputs}
 
 
@@ -115,7 +115,7 @@ class LayerPartial:
         groups = self.header.get("groups")
         if groups is not None:
             return [g for g in groups if g in self.seen]
-        from .capture import _sort_key
+        from .rows import _sort_key
 
         return sorted(self.seen, key=_sort_key)
 
@@ -321,7 +321,7 @@ def merge_all(partials: Iterable[LayerPartial]) -> LayerPartial:
 def map_batches(runner: Any, layer: Any, reader: Any, *, holdout: float, header: dict,
                 progress: Callable[[str, int], None] | None = None, name: str | None = None,
                 allow_empty: bool = False) -> LayerPartial:
-    """The layer pass over every batch of `reader` (a `capture.RowReader`, first pass) as a partial.
+    """The layer pass over every batch of `reader` (a `rows.RowReader`, first pass) as a partial.
 
     runner: a `runtime.Runner` whose outputs include `layer.input` (e.g. `capture.score_runner` or
     `Runner(graph.with_outputs(model, [(layer.input, layer.elem_type)]), [layer.input])`).

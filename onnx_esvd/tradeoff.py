@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 
-from .capture import capture_metrics, data_spec, report_outputs
+from .capture import capture_metrics, report_outputs
+from .rows import data_spec
 from .data import open_table
 from .errors import LayerError, OptionError
 from .esvd import esvd

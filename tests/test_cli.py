@@ -141,7 +141,7 @@ def _strict_json(text: str):
 
 def test_repair_json_is_strict_json_when_a_group_has_one_report_row(work):
     """One group with a single held-out row has no std: the JSON must still be valid (null, not NaN)."""
-    from onnx_esvd.capture import row_uniform
+    from onnx_esvd.rows import row_uniform
 
     tab = load_table(work / "gemm_transb0_alpha.csv")
     lab = tab["g"]

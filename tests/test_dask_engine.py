@@ -12,7 +12,7 @@ distributed = pytest.importorskip("distributed")
 from conftest import assert_bad_input, invoke  # noqa: E402
 from test_shards import CUTS, DATA, MODEL, OPTS, _split_csv, assert_same_stats, reference_stats, weight_rel  # noqa: E402
 
-from onnx_esvd.capture import data_spec  # noqa: E402
+from onnx_esvd.rows import data_spec  # noqa: E402
 from onnx_esvd.errors import DataError, OptionError  # noqa: E402
 from onnx_esvd.esvd import esvd  # noqa: E402
 from onnx_esvd.graph import read_weight  # noqa: E402
@@ -98,7 +98,7 @@ def test_repair_with_every_pass_on_dask_equals_the_one_process_repair(cluster, s
     concatenated file to 1e-9 (float64), the KS before and after and their bootstrap intervals exactly (the
     report rows are merged in global row order). The client reads no data row."""
     from onnx_esvd import repair
-    from onnx_esvd.capture import RowReader
+    from onnx_esvd.rows import RowReader
 
     kw = dict(layer=-2, group="race1", groups=["white", "black"], target="ugpa", holdout=0.2, seed=3, bootstrap=50,
               refit="fair")

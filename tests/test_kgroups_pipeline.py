@@ -12,7 +12,7 @@ from conftest import FIXTURES, invoke, load_table
 from scipy.stats import ks_2samp
 
 from onnx_esvd import repair
-from onnx_esvd.capture import row_uniform
+from onnx_esvd.rows import row_uniform
 from onnx_esvd.errors import DataError, OptionError
 from onnx_esvd.gate import check
 from onnx_esvd.metrics import MIN_ESTIMABLE_ROWS

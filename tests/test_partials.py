@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from test_shards import DATA, MODEL, _split_csv, weight_rel
 
 from onnx_esvd import refit as refit_mod
-from onnx_esvd.capture import data_spec, open_rows
+from onnx_esvd.rows import data_spec, open_rows
 from onnx_esvd.data import open_table
 from onnx_esvd.errors import DataError
 from onnx_esvd.graph import find_layers, with_outputs

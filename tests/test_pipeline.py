@@ -14,7 +14,7 @@ from onnx_esvd import OutputError, repair
 from onnx_esvd.errors import DataError, LayerError, OptionError
 from onnx_esvd.graph import find_layers, read_bias, read_weight
 from onnx_esvd.metrics import ks_statistic
-from onnx_esvd.capture import row_uniform
+from onnx_esvd.rows import row_uniform
 from onnx_esvd.pipeline import METADATA_KEY
 
 FEATURES_OF = {

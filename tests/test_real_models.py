@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from scipy.stats import ks_2samp
 
 from onnx_esvd import repair
-from onnx_esvd.capture import row_uniform
+from onnx_esvd.rows import row_uniform
 from onnx_esvd.errors import DataError
 from onnx_esvd.pipeline import METADATA_KEY
 

@@ -272,7 +272,7 @@ def test_string_model_input_is_fed_strings(tmp_path):
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     y = sess.run(["y"], {"num": np.stack([d["num_0"], d["num_1"]], 1).astype(np.float32),
                          "cat": d["cat"].reshape(-1, 1).astype(object)})[0].ravel()
-    u = __import__("onnx_esvd.capture", fromlist=["row_uniform"]).row_uniform(0, 0, len(y))
+    u = __import__("onnx_esvd.rows", fromlist=["row_uniform"]).row_uniform(0, 0, len(y))
     rep = u < 0.3
     a, b = y[rep & (d["g"] == "a")], y[rep & (d["g"] == "b")]
     assert res.before.ks == pytest.approx(ks_statistic(a, b), abs=1e-12)

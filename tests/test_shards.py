@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from conftest import FIXTURES, assert_bad_input, invoke
 
-from onnx_esvd.capture import capture, data_spec, group_stats, open_rows
+from onnx_esvd.capture import capture, group_stats
+from onnx_esvd.rows import data_spec, open_rows
 from onnx_esvd.data import open_table
 from onnx_esvd.errors import DataError, OptionError
 from onnx_esvd.esvd import esvd

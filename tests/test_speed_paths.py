@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import invoke
 from onnx_esvd import repair
 from onnx_esvd import spill as spill_mod
-from onnx_esvd.capture import DataSpec, open_rows
+from onnx_esvd.rows import DataSpec, open_rows
 from onnx_esvd.errors import OptionError
 from onnx_esvd.esvd import brent_root
 from onnx_esvd.refit import _constrained, _lstsq

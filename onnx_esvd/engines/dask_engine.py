@@ -120,7 +120,7 @@ def _layer_task(model_bytes: bytes, digest: str, layer_index: int, path: str, fi
     moments with two BLAS threads per worker on two cores)."""
     from threadpoolctl import threadpool_limits
 
-    from ..capture import open_rows
+    from ..rows import open_rows
     from ..layer_pass import open_data
     from ..shards import columns_of, map_batches
 
@@ -163,7 +163,7 @@ def layer_pass_dask(model: Any, data: Any, layer: Any, spec: Any, *, holdout: fl
 
     model: a ModelProto (or a path). data: a file, directory, glob pattern or list of them (see
     `layer_pass.open_data`); each file is one task. layer: a `LinearLayer` of `model` (or an index/name).
-    spec: a `capture.DataSpec`. scheduler: None (a local cluster), an address, or a `distributed.Client`.
+    spec: a `rows.DataSpec`. scheduler: None (a local cluster), an address, or a `distributed.Client`.
     """
     require_dask()
     from ..layer_pass import _check_split, open_data, resolve_layer
@@ -179,7 +179,7 @@ def layer_pass_dask(model: Any, data: Any, layer: Any, spec: Any, *, holdout: fl
     if any(p is None for p in paths):
         raise OptionError("--engine dask reads data files on the workers; give files, a directory or a glob "
                           "pattern, not in-memory data")
-    from ..capture import plan_inputs
+    from ..rows import plan_inputs
 
     plan_inputs(proto, table, spec)  # column errors here, once, before any task runs (every file has the same columns)
     digest = model_hash(proto)
