@@ -4,9 +4,10 @@
 - `moments`: mean parity and a variance gap of `var_gap` times fair's (0: equal variances), exact, from the same
   moments (refit_moments.py; two groups);
 - `cdf`, `w2`: least squares plus `lam` times a distribution penalty between the groups' outputs (a smoothed
-  KS-type CDF gap, or the squared 1-D Wasserstein distance), fitted by L-BFGS from the `fair` solution on a
-  group-stratified sample of fit rows (penalty.py), over the final node or the last `tune` linear nodes
-  (tuning.py);
+  KS-type CDF gap, or the squared 1-D Wasserstein distance), fitted by L-BFGS from the `fair` solution (penalty.py),
+  over the final node or the last `tune` linear nodes (tuning.py). The final node alone (the default): the
+  least-squares term is exact from the refit moments of every fit row (fitmoments.py) and the penalty is taken on
+  a group-stratified sample of PENALTY_ROWS rows; more layers: both terms on a sample of SAMPLE_ROWS rows;
 - `none`: the final node is left as it is.
 """
 

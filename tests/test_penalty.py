@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import scipy.special
 from hypothesis import given, settings
@@ -484,3 +485,29 @@ def test_sample_keeps_fold_ids_and_refuses_mixed_batches():
     res = sample.result()
     assert np.array_equal(res.fold, f[res.index]) and np.allclose(res.t[:, 0], t[res.index])
     assert sum(res.kept.values()) == 60
+
+
+def test_pipeline_final_node_fit_term_is_exact_from_moments_with_a_small_penalty_sample(monkeypatch):
+    """repair: with only the final node tuned, the penalty sample is PENALTY_ROWS (here shrunk to 120 rows) and the
+    fit term still covers every fit row: at lam 0 the cdf refit is the plain ridge refit of all fit rows."""
+    from conftest import FIXTURES, load_table
+
+    from onnx_esvd import pipeline, repair
+
+    model = FIXTURES / "gemm_transb0_alpha.onnx"
+    d = {c: np.asarray(v) for c, v in load_table(FIXTURES / "gemm_transb0_alpha.csv").items()}
+    monkeypatch.setattr(pipeline, "PENALTY_ROWS", 120)
+    monkeypatch.setattr(pipeline, "PENALTY_MIN_KEEP", 40)
+    opts = dict(layer=1, group="g", target="y", bootstrap=0, holdout=0.0, ridge=1e-3)
+    plain = repair(model, d, refit="plain", **opts)
+    cdf = repair(model, d, refit="cdf", lam=0.0, **opts)
+    assert sum(cdf.penalty.seen.values()) == len(d["g"]) > 3 * 120
+    assert sum(cdf.penalty.kept.values()) <= 120 and min(cdf.penalty.kept.values()) >= 40
+
+    def final(res):
+        inits = {i.name: i for i in res.model.graph.initializer}
+        node = [n for n in res.model.graph.node if n.op_type in ("Gemm", "MatMul")][-1]
+        return [onnx.numpy_helper.to_array(inits[name]).astype(np.float64) for name in node.input[1:] if name in inits]
+
+    for a, b in zip(final(cdf), final(plain)):
+        assert np.allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
