@@ -10,6 +10,11 @@ Objective over the free layers' `(W, b)` of a `Chain` (the last K layers; K = 1 
 with row weights v (normalised to sum 1; `RowSample.weight` restores population shares). At lam = 0
 and K = 1 this is exactly the ridge least squares of `refit.solve(mode="plain", alpha=ridge)`.
 
+With K = 1 and `moments` (a `fitmoments.FitMoments` of ALL fit rows) the fit term and var(t_c) are exact,
+from the moments, in O(p^2) per evaluation with no rows (the final node is linear, so the MSE is a
+quadratic in (W, b)); the rows given then serve the penalty alone, so they can be a small group-stratified
+sample (what limits the penalty is the number of minority rows, see rowsample.py).
+
 Penalties P for k >= 2 groups use the k-group pair weights `omega_gh = w_g w_h / tau`,
 `tau = sum_{g<h} w_g w_h`, `w_g` the group's share of the row weight (k = 2: omega = 1):
 
@@ -37,6 +42,7 @@ import scipy.optimize
 
 from .chain import Chain
 from .errors import DataError, OptionError
+from .fitmoments import FitMoments
 from .metrics import ks_statistic
 
 PenaltyKind = Literal["cdf", "w2"]
@@ -207,15 +213,27 @@ def _tune_count(tune: str | int, n_layers: int) -> int:
 
 
 class _Objective:
-    """The objective of the module docstring on fixed rows; thresholds re-fixed by `refix`."""
+    """The objective of the module docstring on fixed rows; thresholds re-fixed by `refix`. With `moments`
+    (k = 1 only) the fit term comes from them and the rows serve the penalty alone."""
 
     def __init__(self, chain: Chain, h_in: np.ndarray, t: np.ndarray, groups: _Groups, k: int, *, lam: float,
-                 kind: str, ridge: float, score_column: int) -> None:
+                 kind: str, ridge: float, score_column: int, moments: FitMoments | None = None) -> None:
         self.chain, self.h_in, self.t, self.groups, self.k = chain, h_in, t, groups, k
         self.lam, self.kind, self.ridge, self.col = lam, kind, ridge, score_column
-        v = groups.v
-        tbar = v @ t
-        self.tvar = v @ (t - tbar) ** 2
+        self.moments = moments
+        if moments is not None:
+            final = chain.layers[-1]
+            if k != 1 or final.act.kind != "identity":
+                raise OptionError("the moment-based fit term needs the final linear node alone (tune='final', "
+                                  "identity activation)")
+            if (moments.p, moments.m) != final.W.shape[::-1]:
+                raise DataError(f"the fit moments are of {moments.p} inputs and {moments.m} targets; the final "
+                                f"node takes {final.W.shape[1]} and gives {final.W.shape[0]}")
+            self.tvar = moments.tvar
+        else:
+            v = groups.v
+            tbar = v @ t
+            self.tvar = v @ (t - tbar) ** 2
         if np.any(self.tvar <= 0):
             raise DataError(f"target column(s) {np.flatnonzero(self.tvar <= 0).tolist()} are constant on the fit "
                             "rows: nothing to fit")
@@ -237,14 +255,29 @@ class _Objective:
         sd = float(np.std(s))
         self.width = TAU_SHARE * (sd if sd > 0 else float(np.sqrt(self.tvar[self.col])))
 
+    def _moment_fit(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        """The fit term and its gradient from the moments (k = 1: theta = [W.ravel(), b])."""
+        (w, b), = self.chain.unflatten(1, theta)
+        scale = 1.0 / (self.m * self.tvar)
+        value, grad_w, grad_b = self.moments.mse(w, b)
+        grad = np.empty_like(theta)
+        grad[:w.size] = (grad_w * scale[:, None]).ravel()
+        if b is not None:
+            grad[w.size:] = grad_b * scale
+        return float(value @ scale), grad
+
     def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         parts = {}
+        exact = self.moments is not None
 
         def loss_grad(out: np.ndarray):
-            resid = out - self.t
-            scale = 1.0 / (self.m * self.tvar)
-            mse = float(np.sum(self.groups.v @ (resid * resid) * scale))
-            g = (2.0 * self.groups.v)[:, None] * resid * scale
+            if exact:
+                mse, g = 0.0, np.zeros_like(out)
+            else:
+                resid = out - self.t
+                scale = 1.0 / (self.m * self.tvar)
+                mse = float(np.sum(self.groups.v @ (resid * resid) * scale))
+                g = (2.0 * self.groups.v)[:, None] * resid * scale
             pen = 0.0
             if self.lam:
                 s = out[:, self.col]
@@ -256,7 +289,16 @@ class _Objective:
             parts["mse"], parts["pen"] = mse, pen
             return mse + self.lam * pen, g
 
-        value, grad = self.chain.value_and_grad(self.h_in, self.k, theta, loss_grad)
+        if exact and not self.lam:
+            value, grad = 0.0, np.zeros_like(theta)
+            parts["mse"], parts["pen"] = 0.0, 0.0
+        else:
+            value, grad = self.chain.value_and_grad(self.h_in, self.k, theta, loss_grad)
+        if exact:
+            fit, fit_grad = self._moment_fit(theta)
+            value += fit
+            grad += fit_grad
+            parts["mse"] = fit
         for sl, final in self.masks:
             if not self.ridge:
                 continue
@@ -293,9 +335,10 @@ def _prepare(x, t, group, chain: Chain, weights, score_column: int):
 
 
 def _fit_free(chain: Chain, h_in, t, group, w, k: int, *, lam, kind, ridge, rounds, maxiter, score_column,
-              record: bool) -> tuple[Chain, PenalisedDiagnostics]:
+              record: bool, moments: FitMoments | None = None) -> tuple[Chain, PenalisedDiagnostics]:
     groups = _Groups(group, w)
-    obj = _Objective(chain, h_in, t, groups, k, lam=lam, kind=kind, ridge=ridge, score_column=score_column)
+    obj = _Objective(chain, h_in, t, groups, k, lam=lam, kind=kind, ridge=ridge, score_column=score_column,
+                     moments=moments)
     theta = obj.start.copy()
     iters, msgs, history = [], [], []
     n_rounds = rounds if lam else 1
@@ -321,7 +364,7 @@ def _fit_free(chain: Chain, h_in, t, group, w, k: int, *, lam, kind, ridge, roun
 def penalised_fit(x: np.ndarray, t: np.ndarray, group: np.ndarray, chain: Chain, *, lam: float,
                   kind: PenaltyKind = "cdf", tune: str | int = "final", ridge: float = 1e-4,
                   weights: np.ndarray | None = None, rounds: int = 4, maxiter: int = 100, score_column: int = 0,
-                  record: bool = False) -> tuple[Chain, PenalisedDiagnostics]:
+                  record: bool = False, moments: FitMoments | None = None) -> tuple[Chain, PenalisedDiagnostics]:
     """Fit the last layers of `chain` with a distribution-parity penalty (see the module docstring).
 
     Args:
@@ -333,6 +376,8 @@ def penalised_fit(x: np.ndarray, t: np.ndarray, group: np.ndarray, chain: Chain,
         rounds: L-BFGS rounds (the CDF thresholds are re-fixed at each). maxiter: iterations per round.
         score_column: the output column whose distribution is penalised; every column is fitted.
         record: keep the objective after every iteration in `diagnostics.history` (costs one evaluation each).
+        moments: the exact fit statistics of ALL fit rows (`FitMoments`, tune "final" or 1 only): the fit term
+            and var(t) come from them, and x, t, group, weights serve the penalty (and `fit_ks`) alone.
 
     Returns:
         (new Chain, PenalisedDiagnostics).
@@ -346,8 +391,10 @@ def penalised_fit(x: np.ndarray, t: np.ndarray, group: np.ndarray, chain: Chain,
     x, t, group, w = _prepare(x, t, group, chain, weights, score_column)
     k = _tune_count(tune, len(chain))
     h_in = chain.forward(x, stop=len(chain) - k)
+    if moments is not None and k != 1:
+        raise OptionError(f"tune={tune!r}: the moment-based fit term is for the final node alone (tune='final')")
     return _fit_free(chain, h_in, t, group, w, k, lam=float(lam), kind=kind, ridge=float(ridge), rounds=rounds,
-                     maxiter=maxiter, score_column=score_column, record=record)
+                     maxiter=maxiter, score_column=score_column, record=record, moments=moments)
 
 
 def fold_ids(group: np.ndarray, folds: int, seed: int) -> np.ndarray:

@@ -34,7 +34,7 @@ from .modelio import LoadedModel, check_output_path, load_model, save_model
 from .runtime import Runner
 from .score import OtherOutput, Score, other_outputs, resolve_score
 from . import refits
-from .refits import MIN_KEEP, SAMPLE_ROWS, RefitSpec
+from .refits import MIN_KEEP, PENALTY_MIN_KEEP, PENALTY_ROWS, SAMPLE_ROWS, RefitSpec
 from .stats import GroupStats
 
 METADATA_KEY = "onnx_esvd.repair"
@@ -600,7 +600,10 @@ def _refit_plan(prep: _Prepared, scored: bool, specs: Sequence[RefitSpec], folds
         if len(tunes) > 1:
             raise OptionError("penalised refits in one run must tune the same number of layers (--tune-layers)")
         chain = graph_chain(original, find_layers(original, prep.score.tensor), prep.final, rows_spec.tune)
-        sample = StratifiedSample(capacity=SAMPLE_ROWS, min_keep_per_group=MIN_KEEP, seed=prep.reader.seed)
+        # the final node alone: the fit term comes from the refit moments, the sample serves the penalty alone
+        small = len(chain.layers) == 1 and folds == 0
+        sample = StratifiedSample(capacity=PENALTY_ROWS if small else SAMPLE_ROWS,
+                                  min_keep_per_group=PENALTY_MIN_KEEP if small else MIN_KEEP, seed=prep.reader.seed)
     use_label = scored and _refit_target_is_label(prep)
     for final in finals:
         if final.bias is None and _has_unwritable_bias(original, final):
@@ -663,7 +666,7 @@ def _apply_refit(patched: onnx.ModelProto, prep: _Prepared, data: _RefitData, sp
         sol, report = refits.fit_final(data.scored, prep.final, spec, data.kind)
         if spec.needs_rows:
             report, penalty = refits.penalised(patched, data.chain, data.sample, sol, report, spec,
-                                               prep.reader.group_labels())
+                                               prep.reader.group_labels(), acc=data.scored)
         else:
             refits.write_solution(patched, prep.final, sol)
     by_index = {o.final.index: o.final for o in prep.others if o.how == "distilled"}

@@ -4,9 +4,10 @@
 - `moments`: mean parity and a variance gap of `var_gap` times fair's (0: equal variances), exact, from the same
   moments (refit_moments.py; two groups);
 - `cdf`, `w2`: least squares plus `lam` times a distribution penalty between the groups' outputs (a smoothed
-  KS-type CDF gap, or the squared 1-D Wasserstein distance), fitted by L-BFGS from the `fair` solution on a
-  group-stratified sample of fit rows (penalty.py), over the final node or the last `tune` linear nodes
-  (tuning.py);
+  KS-type CDF gap, or the squared 1-D Wasserstein distance), fitted by L-BFGS from the `fair` solution (penalty.py),
+  over the final node or the last `tune` linear nodes (tuning.py). The final node alone (the default): the
+  least-squares term is exact from the refit moments of every fit row (fitmoments.py) and the penalty is taken on
+  a group-stratified sample of PENALTY_ROWS rows; more layers: both terms on a sample of SAMPLE_ROWS rows;
 - `none`: the final node is left as it is.
 """
 
@@ -27,9 +28,20 @@ from .guards import refit_fits
 MODES = ("fair", "plain", "none", "moments", "cdf", "w2")
 PENALISED = ("cdf", "w2")
 
-#: Rows the penalised refits keep (group-stratified: every row of a small group up to MIN_KEEP is kept).
+#: Rows the penalised refits keep (group-stratified: every row of a small group up to MIN_KEEP is kept) when the
+#: fit term needs rows: more than the final node tuned (a non-linear chain), or the budget's out-of-fold ranking
+#: (which fits and scores each fold on the sample alone).
 SAMPLE_ROWS = 200_000
 MIN_KEEP = 5_000
+
+#: Rows kept for the distribution PENALTY alone when only the final node is tuned: the fit term is then exact
+#: from the refit moments of all fit rows (fitmoments.py), and what limits the penalty is the number of
+#: minority rows, which the water filling keeps whole up to PENALTY_ROWS / k per group and never below
+#: PENALTY_MIN_KEEP. At 5,000 rows a group's smoothed CDF has a sampling sd of at most 0.007 (binomial,
+#: 0.5 / sqrt(5000)); a two-group data set keeps up to 16,384 rows per group. Each L-BFGS evaluation then
+#: costs a [32,768, 64] tanh block instead of [200,000, 64] plus two [200,000, 256] products.
+PENALTY_ROWS = 32_768
+PENALTY_MIN_KEEP = 5_000
 
 
 @dataclass(frozen=True)
@@ -127,11 +139,14 @@ def write_solution(model: onnx.ModelProto, final: LinearLayer, sol: refit_mod.Re
 
 
 def penalised(model: onnx.ModelProto, chain_layers: Any, sample: Any, start: refit_mod.RefitSolution,
-              report: refit_mod.RefitReport, spec: RefitSpec, labels: tuple[str, ...]
-              ) -> tuple[refit_mod.RefitReport, PenaltyReport]:
+              report: refit_mod.RefitReport, spec: RefitSpec, labels: tuple[str, ...],
+              acc: refit_mod.RefitAccumulator | None = None) -> tuple[refit_mod.RefitReport, PenaltyReport]:
     """Tune the chain's layers from the fair solution `start` with the distribution penalty and write them into
-    `model`. `sample` is the StratifiedSample of the chain's input rows, targets and group indices."""
+    `model`. `sample` is the StratifiedSample of the chain's input rows, targets and group indices. With the final
+    node alone and `acc` (the refit moments of all fit rows), the fit term is exact from `acc` and the sample
+    serves the penalty alone."""
     from .chain import Chain
+    from .fitmoments import FitMoments
     from .penalty import penalised_fit
 
     layers = chain_layers.layers
@@ -143,8 +158,10 @@ def penalised(model: onnx.ModelProto, chain_layers: Any, sample: Any, start: ref
              for lay, act in zip(layers[:-1], chain_layers.activations[:-1])]
     parts.append((start.coef, start.intercept, "identity"))
     rows = sample.result(np.float64)  # the rows are handed over in float64 (no float32 copy kept beside them)
+    moments = FitMoments.from_groups(acc.groups(("train", "val")), acc.p) if acc is not None and len(layers) == 1 \
+        else None
     new, diag = penalised_fit(rows.x, rows.t, rows.group, Chain(parts), lam=float(spec.lam), kind=spec.mode,
-                              tune=len(layers), ridge=float(report.alpha), weights=rows.weight)
+                              tune=len(layers), ridge=float(report.alpha), weights=rows.weight, moments=moments)
     for lay, fitted in zip(layers, new.layers):
         refit_fits(fitted.W, fitted.b if lay.bias is not None else None, lay)
         write_weight(model, lay, fitted.W)

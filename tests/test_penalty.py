@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import scipy.special
 from hypothesis import given, settings
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from onnx_esvd.chain import Chain, activation
 from onnx_esvd.errors import DataError, OptionError
+from onnx_esvd.fitmoments import FitMoments
 from onnx_esvd.metrics import ks_statistic
 from onnx_esvd.penalty import (
     _Groups,
@@ -107,6 +109,104 @@ def test_gradients_match_central_differences(act, kind):
         numeric = np.array([(obj(theta + e)[0] - obj(theta - e)[0]) / (2 * step)
                             for e in np.eye(theta.size) * step])
         assert np.max(np.abs(numeric - grad)) <= 1e-6 * np.max(np.abs(grad)), (act, kind, k)
+
+
+# ----------------------------------------------------------------------------- moment-based fit term
+def final_only(seed: int, m: int = 2, bias: bool = True) -> Chain:
+    rng = np.random.default_rng(seed)
+    return Chain([(rng.normal(size=(m, 6)), rng.normal(size=m) if bias else None, "identity")])
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 1000), bias=st.booleans(), shift=st.floats(-50, 50))
+def test_moment_mse_equals_the_row_mse_and_its_gradient(seed, bias, shift):
+    x, t, _ = synthetic(seed, 300)
+    x = x + shift  # far-off means: the centred form must not cancel
+    t2 = np.hstack([t, t ** 2])
+    layer = final_only(seed, bias=bias).layers[0]
+    mom = FitMoments.from_rows(x, t2)
+    value, gw, gb = mom.mse(layer.W, layer.b)
+    resid = x @ layer.W.T + (0.0 if layer.b is None else layer.b) - t2
+    assert np.allclose(value, np.mean(resid ** 2, axis=0), rtol=1e-9, atol=1e-9 * np.var(t2, axis=0).max())
+    assert np.allclose(gw, 2 * resid.T @ x / x.shape[0], rtol=1e-7, atol=1e-7 * np.abs(gw).max())
+    assert np.allclose(gb, 2 * resid.mean(axis=0), rtol=1e-7, atol=1e-7 * (1 + np.abs(gb).max()))
+    assert np.allclose(mom.tvar, np.var(t2, axis=0), rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["cdf", "w2"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_moment_objective_equals_the_row_objective_when_every_row_counts(kind, bias):
+    """All rows, weights 1: the moment-based objective is the row-based one, value and gradient."""
+    x, t, g = synthetic(7, 400)
+    t2 = np.hstack([t, t ** 2])
+    chain = final_only(3, bias=bias)
+    groups = _Groups(g, np.ones(g.size))
+    rows = _Objective(chain, x, t2, groups, 1, lam=2.0, kind=kind, ridge=0.05, score_column=1)
+    exact = _Objective(chain, x, t2, groups, 1, lam=2.0, kind=kind, ridge=0.05, score_column=1,
+                       moments=FitMoments.from_rows(x, t2))
+    theta = chain.params(1) + 0.1 * np.random.default_rng(1).normal(size=chain.params(1).size)
+    rows.refix(theta)
+    exact.refix(theta)
+    (v1, g1), (v2, g2) = rows(theta), exact(theta)
+    assert v2 == pytest.approx(v1, rel=1e-10)
+    assert np.allclose(g2, g1, rtol=1e-8, atol=1e-10 * np.abs(g1).max())
+    assert exact.parts == pytest.approx(rows.parts, rel=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["cdf", "w2"])
+def test_moment_objective_gradient_matches_central_differences_on_a_penalty_sample(kind):
+    """Moments of all rows, the penalty on a weighted subsample: the gradient is the objective's."""
+    x, t, g = synthetic(8, 900)
+    t2 = np.hstack([t, t ** 2])
+    chain = final_only(4)
+    keep = np.random.default_rng(2).random(g.size) < 0.3
+    obj = _Objective(chain, x[keep], t2[keep], _Groups(g[keep], np.random.default_rng(3).uniform(1, 4, keep.sum())),
+                     1, lam=3.0, kind=kind, ridge=0.05, score_column=1, moments=FitMoments.from_rows(x, t2))
+    theta = chain.params(1) + 0.01 * np.random.default_rng(5).normal(size=chain.params(1).size)
+    obj.refix(theta)
+    _, grad = obj(theta)
+    step = 1e-6
+    numeric = np.array([(obj(theta + e)[0] - obj(theta - e)[0]) / (2 * step) for e in np.eye(theta.size) * step])
+    assert np.max(np.abs(numeric - grad)) <= 1e-6 * np.max(np.abs(grad)), kind
+
+
+def test_moment_fit_matches_the_row_fit_when_every_row_is_kept_and_falls_monotonically():
+    x, t, g = synthetic(9, 1500)
+    chain = final_only(5, m=1)
+    for kind in ("cdf", "w2"):
+        rows, d1 = penalised_fit(x, t, g, chain, lam=1.0, kind=kind, rounds=2, maxiter=200)
+        exact, d2 = penalised_fit(x, t, g, chain, lam=1.0, kind=kind, rounds=2, maxiter=200, record=True,
+                                  moments=FitMoments.from_rows(x, t))
+        assert np.allclose(exact.layers[0].W, rows.layers[0].W, rtol=1e-4, atol=1e-5), kind
+        assert exact.layers[0].b == pytest.approx(rows.layers[0].b, rel=1e-4, abs=1e-5)
+        assert d2.mse_term == pytest.approx(d1.mse_term, rel=1e-6) and d2.fit_ks == pytest.approx(d1.fit_ks, abs=1e-9)
+        assert len(d2.history[0]) > 3, kind
+        for trace in d2.history:
+            assert np.all(np.diff(trace) <= 1e-12 * abs(trace[0])), kind
+
+
+def test_moment_fit_at_lambda_zero_is_ridge_least_squares_of_all_rows_from_a_few_rows():
+    """The fit term uses every row through the moments; the rows given (a few) do not change the solution."""
+    x, t, g = synthetic(10, 3000)
+    z = final_only(6, m=1)
+    mo = [Moments(7), Moments(7)]
+    for c in (0, 1):
+        mo[c].add(np.hstack([x[g == c], t[g == c]]))
+    want = solve(mo, 6, mode="plain", alpha=1e-2, fit_intercept=True)
+    few = np.r_[np.flatnonzero(g == 0)[:40], np.flatnonzero(g == 1)[:40]]
+    new, _ = penalised_fit(x[few], t[few], g[few], z, lam=0.0, ridge=1e-2, maxiter=500,
+                           moments=FitMoments.from_groups(mo, 6))
+    assert np.allclose(new.layers[0].W, want.coef, rtol=1e-5, atol=1e-7)
+    assert np.allclose(new.layers[0].b, want.intercept, rtol=1e-5, atol=1e-7)
+
+
+def test_moment_fit_refuses_more_than_the_final_node_and_mismatched_moments():
+    x, t, g = synthetic(11, 200)
+    mom = FitMoments.from_rows(two_layer(1, "relu").forward(x, stop=1), t)
+    with pytest.raises(OptionError, match="final node alone"):
+        penalised_fit(x, t, g, two_layer(1, "relu"), lam=1.0, tune="all", moments=mom)
+    with pytest.raises(DataError, match="fit moments"):
+        penalised_fit(x, t, g, final_only(1, m=1), lam=1.0, moments=mom)
 
 
 # ----------------------------------------------------------------------------- penalties
@@ -385,3 +485,29 @@ def test_sample_keeps_fold_ids_and_refuses_mixed_batches():
     res = sample.result()
     assert np.array_equal(res.fold, f[res.index]) and np.allclose(res.t[:, 0], t[res.index])
     assert sum(res.kept.values()) == 60
+
+
+def test_pipeline_final_node_fit_term_is_exact_from_moments_with_a_small_penalty_sample(monkeypatch):
+    """repair: with only the final node tuned, the penalty sample is PENALTY_ROWS (here shrunk to 120 rows) and the
+    fit term still covers every fit row: at lam 0 the cdf refit is the plain ridge refit of all fit rows."""
+    from conftest import FIXTURES, load_table
+
+    from onnx_esvd import pipeline, repair
+
+    model = FIXTURES / "gemm_transb0_alpha.onnx"
+    d = {c: np.asarray(v) for c, v in load_table(FIXTURES / "gemm_transb0_alpha.csv").items()}
+    monkeypatch.setattr(pipeline, "PENALTY_ROWS", 120)
+    monkeypatch.setattr(pipeline, "PENALTY_MIN_KEEP", 40)
+    opts = dict(layer=1, group="g", target="y", bootstrap=0, holdout=0.0, ridge=1e-3)
+    plain = repair(model, d, refit="plain", **opts)
+    cdf = repair(model, d, refit="cdf", lam=0.0, **opts)
+    assert sum(cdf.penalty.seen.values()) == len(d["g"]) > 3 * 120
+    assert sum(cdf.penalty.kept.values()) <= 120 and min(cdf.penalty.kept.values()) >= 40
+
+    def final(res):
+        inits = {i.name: i for i in res.model.graph.initializer}
+        node = [n for n in res.model.graph.node if n.op_type in ("Gemm", "MatMul")][-1]
+        return [onnx.numpy_helper.to_array(inits[name]).astype(np.float64) for name in node.input[1:] if name in inits]
+
+    for a, b in zip(final(cdf), final(plain)):
+        assert np.allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
