@@ -328,6 +328,8 @@ def sweep(
     spill_dir: SpillDirOpt = None,
     no_spill: NoSpillOpt = False,
     plot: PlotOpt = None,
+    engine: EngineOpt = "local",
+    scheduler: SchedulerOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -364,7 +366,8 @@ def sweep(
                                max_drift=max_drift, c1=numbers(c1, "c1"), c2=numbers(c2, "c2"), refit=_split(refit),
                                var_gap=numbers(var_gap, "var-gap"), lam=numbers(lam, "lam"),
                                tune_layers=_tune(tune_layers), weights=weights, eps=eps, ridge=_ridge(ridge),
-                               holdout=holdout, seed=seed, batch_size=batch_size, progress=progress)
+                               holdout=holdout, seed=seed, batch_size=batch_size, progress=progress,
+                               **_engine(engine, scheduler))
         finally:
             progress.close()
         if plot is not None:

@@ -24,7 +24,7 @@ class RunPass:
 
 
 def ray_engine(actors=2):
-    """An onnx-esvd engine (`engine=` of repair, audit and check) on the connected Ray cluster."""
+    """An onnx-esvd engine (`engine=` of repair, audit, check and sweep) on the connected Ray cluster."""
 
     def engine(task, files):
         jobs = ray.data.from_items([{"i": i, "path": str(p), "first_row": int(r)} for i, (p, r) in enumerate(files)])

@@ -12,7 +12,7 @@ from onnx_esvd.passes import run_pass
 
 
 def spark_engine(spark):
-    """An onnx-esvd engine (`engine=` of repair, audit and check) running on the SparkSession `spark`."""
+    """An onnx-esvd engine (`engine=` of repair, audit, check and sweep) running on the SparkSession `spark`."""
 
     def engine(task, files):
         shared = spark.sparkContext.broadcast(task)  # the model bytes travel to each executor once

@@ -23,8 +23,8 @@ from .metrics import OutputMetrics
 from .modelio import load_model
 from .oof import DEFAULT_FOLDS, OofScore, oof_score
 from .refits import RefitSpec
-from .pipeline import (RepairOptions, RepairResult, _apply_refit, _collect_refit, _patched, _prepare, _refit_note,
-                       _refit_target_is_label, other_drifts, repair, resolve_holdout)
+from .pipeline import (LayerPass, RepairOptions, RepairResult, _apply_refit, _collect_refit, _patched, _prepare,
+                       _refit_note, _refit_target_is_label, other_drifts, repair, resolve_holdout)
 
 #: The default grid of `sweep` and of `repair --max-ks` (the paper benchmark's grid).
 C1_GRID: tuple[float, ...] = (1, 5, 15, 50, 150)
@@ -160,7 +160,7 @@ def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequen
           refits: Sequence[RefitSpec] | None = None, eps: float = 1e-5, weights: str = "size",
           ridge: float | Literal["auto"] = "auto", holdout: float | None = None, seed: int = 0,
           batch_size: int = 4096, evaluate: Any = None, dropna: bool = False, max_drift: float = 0.05,
-          progress: Any = None, folds: int | None = 0) -> SweepResult:
+          progress: Any = None, folds: int | None = 0, engine: Any = "local", scheduler: Any = None) -> SweepResult:
     """Fit every (c1, c2, refit setting) on the fit rows and measure each on the holdout rows (or on every row
     of `evaluate`). Refit settings: `refit` modes with the `var_gap` (moments) and `lam` (cdf, w2) lists, or
     `refits` given directly.
@@ -169,6 +169,9 @@ def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequen
     is kept as a failed point with the reason, and the sweep goes on; when every setting fails, the first
     failure is raised (LayerError).
 
+
+    `engine` "dask" (or an engine callable; `scheduler` as for `repair`) runs every pass on the engine's workers:
+    the capture once, and each patched layer's refit pass and each setting's report pass, merged here.
 
     `folds` K >= 2 also scores each setting out of fold on the fit rows (`SweepPoint.oof`, see onnx_esvd.oof);
     None: DEFAULT_FOLDS where that is possible (a label target of a single-output final node whose output is
@@ -181,9 +184,21 @@ def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequen
                             max_drift=max_drift, weights=weights, bootstrap=0)
     spec = data_spec(group, groups, target, features, score, dropna, weights)
     progress = progress or (lambda name, rows: None)
+    where = LayerPass(None, engine, scheduler, data) if engine != "local" else None
     prep = _prepare(load_model(model), open_table(data), layer, spec, holdout=holdout, batch_size=batch_size,
                     seed=seed, progress=progress, refits=tuple(r.mode for r in settings),
-                    evaluate=None if evaluate is None else open_table(evaluate))
+                    evaluate=None if evaluate is None else open_table(evaluate), layer_pass=where)
+    try:
+        return _sweep_points(prep, c1s, c2s, settings, options, holdout, folds, max_drift, seed, weights, progress)
+    finally:
+        if prep.remote is not None:
+            prep.remote.close()
+
+
+def _sweep_points(prep: Any, c1s: Sequence[float], c2s: Sequence[float], settings: Sequence[RefitSpec],
+                  options: RepairOptions, holdout: float, folds: int | None, max_drift: float, seed: int,
+                  weights: str, progress: Any) -> SweepResult:
+    """Every (c1, c2, refit setting) of `sweep` on the prepared data."""
     folds = _usable_folds(folds, prep)
     points: list[tuple[float, float, RefitSpec, OutputMetrics | LayerError, OofScore | None]] = []
     scored = any(not _refit_note(r.mode, prep) for r in settings)
@@ -220,11 +235,16 @@ def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequen
                                                 alpha=report.alpha if report is not None else 0.0,
                                                 fit_intercept=prep.final.bias is not None,
                                                 labels=prep.reader.group_labels(), folds=folds)
-                    outputs = report_outputs(model_m, prep.report_reader, prep.report_holdout, progress, prep.score)
+                    raw = None
+                    if prep.remote is not None:  # the report pass on the engine's workers
+                        outputs, raw = prep.remote.report(prep, model_m, [o.name for o in prep.others], progress)
+                    else:
+                        outputs = report_outputs(model_m, prep.report_reader, prep.report_holdout, progress,
+                                                 prep.score)
                     outputs_finite(outputs, "the repaired model", prep.score.output, repaired=True)
                     after: OutputMetrics | LayerError = capture_metrics(prep.cap, prep.reader, outputs, seed=seed)
                     if distilled:  # refuse the setting as `repair` would
-                        other_drifts(prep, model_m, progress, max_drift)
+                        other_drifts(prep, model_m, progress, max_drift, raw)
                 except LayerError as exc:
                     after, oof = exc, None
                 points.append((a, b, setting, after, oof))

@@ -147,3 +147,38 @@ def test_check_and_audit_on_dask_equal_one_process(cluster, shard_dir):
     assert json.loads(r.stdout)["metrics"]["ks"] == one.measured.metrics.ks
     assert_bad_input(invoke("audit", MODEL, "--data", DATA, "--group", "race1", "--scheduler", "tcp://x:1"),
                      "--scheduler needs --engine dask")
+
+
+def test_sweep_with_every_pass_on_dask_equals_the_one_process_sweep(cluster, shard_dir, monkeypatch):
+    """`sweep --engine dask`: the capture, each patched layer's refit pass and each setting's report pass run on
+    the workers; every setting's KS equals the one-process sweep over the same files exactly, and the client
+    reads no data row. The CLI takes --engine too."""
+    from onnx_esvd import sweep
+    from onnx_esvd.rows import RowReader
+
+    kw = dict(layer=-2, group="race1", groups=["white", "black"], target="ugpa", holdout=0.2, seed=3,
+              c1=[1, 15], c2=[150], refit=["fair", "moments"], var_gap=[0.0])
+    files = str(shard_dir / "part-*")
+    one = sweep(MODEL, files, **kw)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the client read data rows")
+
+    with monkeypatch.context() as m:
+        m.setattr(RowReader, "__call__", no_reading)
+        dist = sweep(MODEL, files, engine="dask", scheduler=cluster, **kw)
+    assert len(dist.points) == len(one.points) == 4
+    assert dist.before.ks == one.before.ks
+    for p, q in zip(dist.points, one.points):
+        assert (p.c1, p.c2, p.setting) == (q.c1, q.c2, q.setting)
+        assert p.metrics.ks == q.metrics.ks
+        assert p.metrics.mse == pytest.approx(q.metrics.mse, rel=1e-6)
+    assert any("every pass ran on the engine's workers" in w for w in dist.warnings)
+    r = invoke("sweep", MODEL, "--layer", "-2", "--data", files, "--group", "race1", "--groups", "white,black",
+               "--target", "ugpa", "--c1", "15", "--c2", "150", "--refit", "fair", "--holdout", "0.2", "--seed", "3",
+               "--engine", "dask", "--scheduler", cluster.scheduler.address, "--json", "-q")
+    assert r.exit_code == 0, r.stderr
+    import json
+
+    assert one.points[2].setting.mode == "fair" and one.points[2].c1 == 15
+    assert json.loads(r.stdout)["points"][0]["ks"] == one.points[2].metrics.ks
