@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from .capture import Capture, OutputDrift, capture_metrics
-from .rows import DataSpec, GroupIndex, _sort_key, plan_inputs, reader_notes
+from .rows import DataSpec, GroupIndex, compared_groups, plan_inputs, reader_notes
 from .errors import DataError, OptionError
 from .partials import RefitPartial, ReportPartial, unpack
 from .passes import PassTask
@@ -44,13 +44,7 @@ class RemoteRows:
         return [inp for inp in self.inputs if inp.by_position]
 
     def group_labels(self) -> tuple[str, ...]:
-        if self.wanted is not None:
-            return self.wanted
-        if len(self.labels) < 2:
-            only = f"only the value {self.labels[0]!r}" if self.labels else "no values"
-            cols = ", ".join(f"'{c}'" for c in self.spec.group_columns)
-            raise DataError(f"{self.table.name}: group column {cols} has {only}; it needs rows of at least two groups")
-        return tuple(sorted(self.labels, key=_sort_key))
+        return compared_groups(self.table.name, self.spec, self.wanted, self.labels)
 
     def group_of_code(self) -> np.ndarray:
         return np.arange(len(self.group_labels()), dtype=np.int64)  # merged partials use group indices

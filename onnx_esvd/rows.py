@@ -573,14 +573,7 @@ class RowReader:
     def group_labels(self) -> tuple[str, ...]:
         """Labels of the compared groups after the first pass, in group order: the `--groups` order, or sorted
         (numbers by value). Code c of the pass maps to group `group_of_code()[c]`."""
-        name = self.table.name
-        if self.wanted is not None:
-            return self.wanted  # codes are already group indices
-        if len(self.labels) < 2:
-            only = f"only the value {self.labels[0]!r}" if self.labels else "no values"
-            cols = ", ".join(f"'{c}'" for c in self.spec.group_columns)
-            raise DataError(f"{name}: group column {cols} has {only}; it needs rows of at least two groups")
-        return tuple(sorted(self.labels, key=_sort_key))
+        return compared_groups(self.table.name, self.spec, self.wanted, self.labels)
 
     def group_of_code(self) -> np.ndarray:
         """Array mapping a label code to the group index (0 .. k-1)."""
@@ -588,6 +581,19 @@ class RowReader:
             return np.arange(len(self.wanted))
         order = self.group_labels()
         return np.array([order.index(lab) for lab in self.labels], dtype=np.int64)
+
+
+def compared_groups(name: str, spec: DataSpec, wanted: tuple[str, ...] | None, seen: Sequence[str]
+                    ) -> tuple[str, ...]:
+    """The compared groups' labels in group order: `wanted` (the `--groups` order; codes are then group
+    indices), else the labels `seen` in the data `name`, sorted (numbers by value), at least two."""
+    if wanted is not None:
+        return wanted
+    if len(seen) < 2:
+        only = f"only the value {seen[0]!r}" if seen else "no values"
+        cols = ", ".join(f"'{c}'" for c in spec.group_columns)
+        raise DataError(f"{name}: group column {cols} has {only}; it needs rows of at least two groups")
+    return tuple(sorted(seen, key=_sort_key))
 
 
 def _close_all(spills: list) -> None:
