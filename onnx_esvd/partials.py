@@ -104,6 +104,7 @@ class ReportPartial:
     name: str = "<report statistics>"
     skipped: int = 0  # rows of no compared group (an --eval file: labels the calibration did not have)
     other_labels: list[str] = field(default_factory=list)
+    dropped: int = 0  # rows skipped for a missing value (--dropna)
 
     @property
     def rows(self) -> int:
@@ -141,7 +142,7 @@ class ReportPartial:
         return ReportPartial(dict(self.header), labels, pick(pred), pick(code), pick(index),
                              None if target is None else pick(target), drift, self.width or other.width, ranges,
                              self.name, self.skipped + other.skipped,
-                             sorted(set(self.other_labels) | set(other.other_labels)))
+                             sorted(set(self.other_labels) | set(other.other_labels)), self.dropped + other.dropped)
 
     def collector(self, group_labels: Sequence[str]) -> OutputCollector:
         """An `OutputCollector` of the rows with code = group index in `group_labels` order (all rows, one block in
@@ -172,7 +173,8 @@ class ReportPartial:
         head = {"format": REPORT_FORMAT, "format_version": FORMAT_VERSION, "tool_version": __version__,
                 "identity": self.header, "labels": list(self.labels), "width": self.width,
                 "has_target": self.target is not None, "ranges": [[int(a), int(b)] for a, b in self.ranges],
-                "drift": sorted(self.drift), "skipped": int(self.skipped), "other_labels": list(self.other_labels)}
+                "drift": sorted(self.drift), "skipped": int(self.skipped), "other_labels": list(self.other_labels),
+                "dropped": int(self.dropped)}
         arrays = {"pred": self.pred, "code": self.code.astype(np.int64), "index": self.index.astype(np.int64)}
         if self.target is not None:
             arrays["target"] = self.target.astype(np.float64)
@@ -191,7 +193,7 @@ class ReportPartial:
             drift = {k: a[f"drift{i}"] for i, k in enumerate(head["drift"])}
             return cls(head["identity"], list(head["labels"]), a["pred"], a["code"], a["index"], target, drift,
                        head["width"], [(int(x), int(y)) for x, y in head["ranges"]], name, int(head["skipped"]),
-                       list(head["other_labels"]))
+                       list(head["other_labels"]), int(head["dropped"]))
         except KeyError as exc:
             raise DataError(f"{name}: the statistics have no field {exc}; they are corrupt") from None
 

@@ -235,7 +235,7 @@ def capture_map(runner: Runner, reader: Any, task: PassTask, model: Any, *, name
             np.concatenate(codes).astype(np.int64) if codes else np.zeros(0, dtype=np.int64),
             np.concatenate(index) if index else np.zeros(0, dtype=np.int64),
             (np.concatenate(targets) if targets else np.zeros(0)) if task.spec.target else None,
-            {}, width, ranges, name)
+            {}, width, ranges, name, dropped=int(reader.dropped))
     result["counts"] = {"seen": {labels[c]: int(k) for c, k in enumerate(seen) if k},
                         "skipped": int(reader.skipped), "dropped": int(reader.dropped)}
     return result
@@ -382,4 +382,5 @@ def report_map(task: PassTask, table: Any, *, name: str) -> ReportPartial:
                          np.concatenate(index) if index else np.zeros(0, dtype=np.int64),
                          (np.concatenate(targets) if targets else np.zeros(0)) if task.spec.target else None,
                          sums, width, _ranges(table, reader), name, int(reader.skipped) + skipped[0],
-                         sorted(set(reader.labels) - set(task.labels)) if reader.wanted is None else [])
+                         sorted(set(reader.labels) - set(task.labels)) if reader.wanted is None else [],
+                         int(reader.dropped))

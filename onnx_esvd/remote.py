@@ -211,13 +211,13 @@ def prepare_remote(loaded: Any, table: Any, layer_spec: int | str, spec: DataSpe
         if evaluate is not None:
             report_rows = RemoteRows(evaluate.name, spec, seed, partial, eval_inputs)
             report_rows.skipped, report_rows.other_labels = report.skipped, set(report.other_labels)
+            report_rows.dropped = report.dropped  # the evaluation files' own count, not the calibration's
             if report.skipped:
                 others_seen = ", ".join(sorted(repr(x) for x in report.other_labels))
                 notes.append(f"{report.skipped} rows of {evaluate.name} belong to no compared group ({others_seen}) "
                              "and were not measured")
-        notes += reader_notes(table.name, rows)
-        if evaluate is not None:  # (rows the evaluation files skipped for a missing value are not counted here)
-            notes += [n for n in reader_notes(evaluate.name, report_rows) if "--dropna" not in n]
+        for r in (rows,) if evaluate is None else (rows, report_rows):
+            notes += reader_notes(r.table.name, r)
         notes.append(f"every pass ran on the engine's workers ({len(paths)} file{'s' if len(paths) != 1 else ''}, "
                      "one task each), merged here")
         if not cap.report.rows:

@@ -215,3 +215,33 @@ def test_repair_with_eval_files_runs_every_pass_on_the_engine(tmp_path):
     assert (eng.before.ks, eng.after.ks, eng.after.intervals) == (one.before.ks, one.after.ks, one.after.intervals)
     skipped = [w for w in one.warnings if "martian" in w]
     assert skipped and skipped[0].startswith("1 rows of") and skipped[0] in eng.warnings
+
+
+def test_eval_files_rows_dropped_for_a_missing_value_are_counted_on_the_engine(tmp_path):
+    """--eval --dropna with an engine: the rows the evaluation files skip for a missing value are counted from
+    their own report partials (not the calibration's count), so the note equals the one-process note."""
+    import onnx_esvd
+
+    lines = DATA.read_text().splitlines(keepends=True)
+    col = lines[0].strip().split(",").index("ugpa")
+    ev = lines[4001:]
+    for i in (3, 7):  # two evaluation rows without a target; the calibration rows are complete
+        cells = ev[i].rstrip("\n").split(",")
+        cells[col] = ""
+        ev[i] = ",".join(cells) + "\n"
+    (tmp_path / "ev.csv").write_text(lines[0] + "".join(ev))
+    (tmp_path / "cal.csv").write_text("".join(lines[:4001]))
+    (tmp_path / "ev").mkdir()
+    _split_csv(tmp_path / "ev.csv", tmp_path / "ev", cuts=(0, 500))
+
+    def engine(task, files):
+        return [run_pass(task, p, r) for p, r in files]
+
+    kw = dict(layer=-2, group="race1", target="ugpa", seed=3, refit="fair", bootstrap=0, dropna=True,
+              evaluate=str(tmp_path / "ev" / "part-*"))
+    one = onnx_esvd.repair(MODEL, str(tmp_path / "cal.csv"), **kw)
+    eng = onnx_esvd.repair(MODEL, str(tmp_path / "cal.csv"), engine=engine, **kw)
+    dropped = [w for w in one.warnings if "--dropna" in w]
+    assert len(dropped) == 1 and " 2 rows with a missing value" in dropped[0]
+    assert [w for w in eng.warnings if "--dropna" in w] == dropped
+    assert eng.after.ks == one.after.ks
