@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-import scipy.special
 
 from .errors import OptionError
 
@@ -50,11 +49,13 @@ class Activation:
         if k == "leaky_relu":
             return np.where(a > 0, a, self.alpha * a)
         if k == "sigmoid":
-            return scipy.special.expit(a)
+            return 0.5 * (1.0 + np.tanh(0.5 * a))  # the logistic function, without overflow
         if k == "tanh":
             return np.tanh(a)
         if k == "gelu":
-            return 0.5 * a * (1.0 + scipy.special.erf(a / np.sqrt(2.0)))
+            from scipy.special import erf  # exact gelu only (scipy costs a quarter second to import)
+
+            return 0.5 * a * (1.0 + erf(a / np.sqrt(2.0)))
         if k == "gelu_tanh":
             return 0.5 * a * (1.0 + np.tanh(_GELU_K * (a + _GELU_C * a**3)))
         return a * self.scale + self.shift  # affine
@@ -73,7 +74,9 @@ class Activation:
         if k == "tanh":
             return 1.0 - out * out
         if k == "gelu":
-            return 0.5 * (1.0 + scipy.special.erf(a / np.sqrt(2.0))) + a * np.exp(-0.5 * a * a) / np.sqrt(2 * np.pi)
+            from scipy.special import erf
+
+            return 0.5 * (1.0 + erf(a / np.sqrt(2.0))) + a * np.exp(-0.5 * a * a) / np.sqrt(2 * np.pi)
         if k == "gelu_tanh":
             th = np.tanh(_GELU_K * (a + _GELU_C * a**3))
             return 0.5 * (1.0 + th) + 0.5 * a * (1.0 - th * th) * _GELU_K * (1.0 + 3 * _GELU_C * a * a)

@@ -38,9 +38,10 @@ MIN_KEEP = 5_000
 #: from the refit moments of all fit rows (fitmoments.py), and what limits the penalty is the number of
 #: minority rows, which the water filling keeps whole up to PENALTY_ROWS / k per group and never below
 #: PENALTY_MIN_KEEP. At 5,000 rows a group's smoothed CDF has a sampling sd of at most 0.007 (binomial,
-#: 0.5 / sqrt(5000)); a two-group data set keeps up to 16,384 rows per group. Each L-BFGS evaluation then
-#: costs a [32,768, 64] tanh block instead of [200,000, 64] plus two [200,000, 256] products.
-PENALTY_ROWS = 32_768
+#: 0.5 / sqrt(5000)); a two-group data set keeps up to 8,192 rows per group (sd 0.0055). Each L-BFGS evaluation
+#: then costs a [16,384, 64] tanh block and two products over the [16,384, p] sample (about half of the
+#: fit's time at 32,768 rows, which was a sixth of the whole repair of a 300,000-row CSV).
+PENALTY_ROWS = 16_384
 PENALTY_MIN_KEEP = 5_000
 
 

@@ -381,3 +381,19 @@ def test_capped_collector_counts_non_finite_outputs_of_rows_it_did_not_keep():
 def test_capped_collector_needs_priorities():
     with pytest.raises(ValueError, match="priority"):
         OutputCollector(cap=10).add(np.zeros(3), np.zeros(3, dtype=np.int64))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k=st.integers(2, 3), ties=st.booleans())
+def test_pooled_order_resample_ks_is_the_ks_of_the_repeated_rows(seed, k, ties):
+    """The bootstrap's KS of a resample (row multiplicities per group) equals the exact KS of the rows repeated."""
+    from onnx_esvd.ks import PooledOrder
+
+    rng = np.random.default_rng(seed)
+    vals = [rng.integers(0, 5, rng.integers(1, 40)).astype(float) if ties else rng.normal(size=rng.integers(1, 40))
+            for _ in range(k)]
+    counts = [np.bincount(rng.integers(0, v.size, v.size), minlength=v.size) for v in vals]
+    got = PooledOrder(vals).max_pairwise(counts)
+    rep = [np.repeat(v, c) for v, c in zip(vals, counts)]
+    want = max(ks_statistic(rep[g], rep[h]) for g in range(k) for h in range(g + 1, k))
+    assert got == pytest.approx(want, abs=1e-12)

@@ -282,8 +282,8 @@ def test_penalty_reduces_held_out_ks(kind):
     fair, d1 = penalised_fit(x, t, g, base, lam=10.0, kind=kind, tune="final", ridge=1e-3, maxiter=60)
     ks0 = ks_statistic(base.forward(xt)[gt == 0, 0], base.forward(xt)[gt == 1, 0])
     ks1 = ks_statistic(fair.forward(xt)[gt == 0, 0], fair.forward(xt)[gt == 1, 0])
-    assert ks0 > 0.2 and ks1 < 0.5 * ks0
-    assert d1.fit_ks < d0.fit_ks
+    assert ks0 > 0.2 and ks1 < 0.65 * ks0  # converged w2 optimum: 0.202 -> 0.119; cdf: -> 0.048
+    assert d1.fit_ks < 0.6 * d0.fit_ks
 
 
 def test_multi_output_penalises_the_named_column_and_fits_all():
@@ -511,3 +511,24 @@ def test_pipeline_final_node_fit_term_is_exact_from_moments_with_a_small_penalty
 
     for a, b in zip(final(cdf), final(plain)):
         assert np.allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("kind", ["cdf", "w2"])
+def test_final_node_fit_does_not_depend_on_the_units_of_its_inputs(kind):
+    """Rescaling the hidden units (relu is positively homogeneous: W0 rows by c, the final columns by 1/c) gives
+    the same function; the penalised fit of the final node (ridge 0) must then find the same outputs. Plain
+    L-BFGS on the raw weights stops at its iteration limit at a point that depends on the units (1e-3..1e3)."""
+    x, t, g = synthetic(11, 3000)
+    chain = two_layer(12, "relu")
+    c = np.array([1e-3, 3e-2, 1.0, 30.0, 1e3])
+    (w0, b0), (w1, b1) = [(lay.W, lay.b) for lay in chain.layers]
+    scaled = Chain([(w0 * c[:, None], b0 * c, "relu"), (w1 / c[None, :], b1, "identity")])
+    assert np.allclose(scaled.forward(x), chain.forward(x), rtol=1e-12, atol=1e-12)
+    outs = []
+    for ch in (chain, scaled):
+        new, diag = penalised_fit(x, t, g, ch, lam=3.0, kind=kind, tune="final", ridge=0.0, maxiter=100)
+        # never stopped by the iteration limit (w2 may end on a kink, where no step meets the Wolfe conditions)
+        assert not any(m.startswith("STOP") for m in diag.messages), diag.messages
+        outs.append(new.forward(x)[:, 0])
+    tol = 1e-5 if kind == "cdf" else 1e-2  # w2 is differentiable almost everywhere only (sorted outputs)
+    assert np.max(np.abs(outs[0] - outs[1])) <= tol * np.std(outs[0])
