@@ -19,7 +19,7 @@ MIN_ESTIMABLE_ROWS = 30
 
 #: Report rows kept for the KS, its noise floor and the bootstrap intervals by the pipeline's passes: past this,
 #: a group-stratified sample of them (see `OutputCollector`), so that memory does not grow with the rows.
-REPORT_ROWS = 1_000_000
+REPORT_ROWS = 250_000
 
 #: Label permutations averaged by the noise floor (fewer for very many rows, see `_floor_permutations`).
 NOISE_FLOOR_PERMUTATIONS = 200
