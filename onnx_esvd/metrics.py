@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .rowsample import water_level
+from .stats import present_codes
 from .ks import PooledOrder, ks_critical, ks_max_pairwise, ks_noise_floor, ks_statistic, ks_to_overall
 
 __all__ = ["GroupSummary", "OutputMetrics", "OutputCollector", "REPORT_ROWS", "output_metrics", "ks_statistic",
@@ -216,7 +217,7 @@ class OutputCollector:
         t = None if target is None else np.asarray(target, dtype=np.float64).reshape(p.shape[0], -1)
         if c.size and c.max() >= 0:
             self._grow(int(c.max()) + 1)
-        for g in np.unique(c[c >= 0]):
+        for g in present_codes(c[c >= 0]):
             mask = c == g
             pg = p[mask].astype(np.float64)
             self._rows[g] += int(mask.sum())

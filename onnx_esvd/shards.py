@@ -29,7 +29,7 @@ import onnx
 
 from ._version import __version__
 from .errors import DataError, OptionError
-from .stats import GroupStats, Moments
+from .stats import GroupStats, Moments, present_codes
 
 FORMAT = "onnx-esvd.layer-stats"
 FORMAT_VERSION = 1
@@ -339,7 +339,7 @@ def map_batches(runner: Any, layer: Any, reader: Any, *, holdout: float, header:
         n = len(rows.code)
         x = layer_rows(np.asarray(out[layer.input]), n, layer)
         fit = rows.u >= holdout
-        for c in np.unique(rows.code[fit]):
+        for c in present_codes(rows.code[fit]):
             while len(by_code) <= c:
                 by_code.append(Moments(d))
             by_code[int(c)].add(x[fit & (rows.code == c)])

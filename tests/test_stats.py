@@ -210,3 +210,12 @@ def test_layerstats_is_the_two_group_case_bit_for_bit():
 def test_groupstats_refuses_a_group_with_one_row():
     with pytest.raises(ValueError):
         GroupStats.from_arrays(make_rows(1, 10, 2, 0.0), make_rows(2, 1, 2, 0.0), make_rows(3, 6, 2, 0.0))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 7), max_size=60), st.sampled_from([np.int8, np.int32, np.int64]))
+def test_present_codes_is_np_unique(codes, dtype):
+    from onnx_esvd.stats import present_codes
+
+    c = np.array(codes, dtype=dtype)
+    assert np.array_equal(present_codes(c), np.unique(c).astype(np.int64))
