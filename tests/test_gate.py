@@ -636,3 +636,15 @@ def test_check_via_module_entry_point(work):
                           cwd=work, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 1, proc.stderr
     assert "FAIL" in proc.stdout
+
+
+def test_repair_with_the_default_cdf_refit_does_not_import_scipy(work):
+    """The penalised refit runs our own L-BFGS: scipy's import (a quarter to half a second) stays out of repair."""
+    out = work / "no_scipy.onnx"
+    proc = _run_importtime(["repair", str(work / f"{SMALL}.onnx"), "--layer", "-2", "--data", str(work / f"{SMALL}.csv"),
+                            "--group", "g", "--target", "y", "-o", str(out), "--quiet"], work)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.exists()
+    mods = _imported_modules(proc.stderr)
+    assert "onnx_esvd.penalty" in mods and "onnx_esvd.lbfgs" in mods  # the cdf refit ran
+    assert "scipy" not in _top_packages(mods), sorted(m for m in mods if m.startswith("scipy"))[:10]
