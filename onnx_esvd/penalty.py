@@ -348,6 +348,7 @@ class _Whitened:
     """
 
     EIG_FLOOR = 1e-12
+    BLOCK = 16_384
 
     def __init__(self, obj: "_Objective") -> None:
         final = obj.chain.layers[-1]
@@ -357,10 +358,13 @@ class _Whitened:
         if mom is not None:
             zbar = mom.mean_z
             second = mom.szz / mom.n + np.outer(zbar, zbar)
-        else:
-            v = obj.groups.v
-            zbar = v @ obj.h_in
-            second = (obj.h_in * v[:, None]).T @ obj.h_in
+        else:  # the weighted rows, in blocks (no second [n, p] array)
+            v, h = obj.groups.v, obj.h_in
+            zbar = v @ h
+            second = np.zeros((p, p))
+            for a in range(0, h.shape[0], self.BLOCK):
+                blk = h[a:a + self.BLOCK]
+                second += (blk * v[a:a + self.BLOCK, None]).T @ blk
         q = p + bias
         base = np.empty((q, q))
         base[:p, :p] = second + obj.ridge * np.eye(p)

@@ -218,3 +218,17 @@ def test_cli_budget_with_folds_reports_oof_fit_and_holdout(work):
     assert text.exit_code == 0, text.stderr
     line = next(x for x in text.stdout.splitlines() if x.startswith("winner"))
     assert "out-of-fold KS" in line and "fit-row KS" in line and "holdout KS" in line and "of group" in line
+
+
+def test_weighted_moments_of_a_row_subset_in_blocks_equal_the_whole_subset_at_once():
+    """The fold moments are reduced in blocks from the sample's own array (float32 here): same moments as
+    the fold's rows taken out in float64."""
+    z, t, group, weight, _ = _problem()
+    rows = np.flatnonzero(np.arange(len(z)) % 3 != 1)
+    got = weighted_group_moments(z.astype(np.float32), t, group, weight, 2, rows=rows, block=7)
+    want = weighted_group_moments(z.astype(np.float32)[rows].astype(np.float64), t[rows], group[rows], weight[rows],
+                                  2, block=10**9)
+    for a, b in zip(got, want):
+        assert a.n == pytest.approx(b.n, rel=1e-12)
+        np.testing.assert_allclose(a.mean, b.mean, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(a.scatter, b.scatter, rtol=1e-10, atol=1e-10 * np.abs(b.scatter).max())
