@@ -18,7 +18,7 @@ from .guards import stats_finite
 from .metrics import REPORT_ROWS, OutputCollector, OutputMetrics
 from .runtime import Runner, pipelined
 from .score import Score
-from .stats import GroupStats, Moments, present_codes
+from .stats import GroupStats, Moments, code_masks
 
 
 
@@ -76,7 +76,7 @@ def capture(model: onnx.ModelProto, layers: Sequence[LinearLayer], reader: RowRe
         n = len(rows.code)
         fit = rows.u >= holdout
         # one boolean mask per label code present among the fit rows, shared by every layer
-        masks = [(int(c), fit & (rows.code == c)) for c in present_codes(rows.code[fit])]
+        masks = code_masks(rows.code, fit)
         for layer in layers:
             d = layer.in_features
             x = layer_rows(np.asarray(out[layer.input]), n, layer)

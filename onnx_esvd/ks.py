@@ -143,7 +143,9 @@ class PooledOrder:
         self.gid = gid[self.order]
         # the CDFs are compared after the last copy of each distinct value
         self.run_end = np.flatnonzero(np.r_[srt[1:] != srt[:-1], True]) if srt.size else np.zeros(0, np.int64)
-        self._signed: np.ndarray | None = None
+        # two groups with rows: F_0 - F_1 is one cumulative sum of +1/n_0 and -1/n_1 steps
+        self._signed = np.where(self.gid == 0, 1.0 / self.sizes[0], -1.0 / self.sizes[1]) \
+            if len(vals) == 2 and all(self.sizes) else None
 
     def max_pairwise(self, counts: Sequence[np.ndarray]) -> float:
         """Max pairwise KS of the groups with row multiplicities `counts` ([n_g] ints per group)."""
@@ -153,9 +155,7 @@ class PooledOrder:
         live = [g for g in range(k) if self.sizes[g]]
         if len(live) < 2:
             return float("nan")
-        if len(live) == 2 and k == 2:  # F_0 - F_1 in one cumulative sum of +1/n_0 and -1/n_1 steps
-            signed = self._signed if self._signed is not None else np.where(self.gid == 0, step[0], -step[1])
-            self._signed = signed
-            return float(np.max(np.abs(np.cumsum(w * signed)[self.run_end])))
+        if self._signed is not None:
+            return float(np.max(np.abs(np.cumsum(w * self._signed)[self.run_end])))
         w = w * step[self.gid]
         return _max_spread([np.cumsum(np.where(self.gid == g, w, 0.0))[self.run_end] for g in live])

@@ -33,6 +33,10 @@ from .penalty import MIN_KS_ROWS, max_pairwise_ks, penalised_fit
 from .refits import RefitSpec
 from .stats import Moments
 
+#: Rows of the sample converted to float64 at once (the sample itself stays in its own dtype: 16,384 x 256 is
+#: 32 MiB).
+BLOCK_ROWS = 16_384
+
 #: Folds of the budget search's out-of-fold ranking (`repair --max-ks ... --folds K`).
 DEFAULT_FOLDS = 5
 
@@ -64,7 +68,7 @@ class OofScore:
 
 
 def weighted_group_moments(z: np.ndarray, t: np.ndarray, group: np.ndarray, weight: np.ndarray,
-                           k: int, rows: np.ndarray | None = None, block: int = 16_384) -> list[Moments]:
+                           k: int, rows: np.ndarray | None = None, block: int = BLOCK_ROWS) -> list[Moments]:
     """Moments of `[z, t]` per group code 0..k-1 (`z: [n, p]` any float dtype, `t: [n, m]`) with row weights
     `weight: [n]`, over the row indices `rows` (default: every row).
 
@@ -155,7 +159,7 @@ def fold_predictions(x: np.ndarray, t: np.ndarray, group: np.ndarray, weight: np
     return pred
 
 
-def _score_column(chain: Chain, x: np.ndarray, block: int = 16_384) -> np.ndarray:
+def _score_column(chain: Chain, x: np.ndarray, block: int = BLOCK_ROWS) -> np.ndarray:
     """`chain.forward(x)[:, 0]` `[n]`, block by block (the forward takes x to float64: a whole-sample copy)."""
     out = np.empty(x.shape[0])
     for a in range(0, x.shape[0], block):
@@ -163,7 +167,7 @@ def _score_column(chain: Chain, x: np.ndarray, block: int = 16_384) -> np.ndarra
     return out
 
 
-def _rows_float64(x: np.ndarray, mask: np.ndarray, block: int = 16_384) -> np.ndarray:
+def _rows_float64(x: np.ndarray, mask: np.ndarray, block: int = BLOCK_ROWS) -> np.ndarray:
     """`x[mask]` in float64 `[m, d]`, built block by block: one array, where `x[mask].astype(float64)` holds a
     second copy in x's dtype beside it (on a 200,000-row float32 sample of 256 inputs, 164 MiB more)."""
     idx = np.flatnonzero(mask)

@@ -31,7 +31,7 @@ from .rowsample import fold_of
 from .runtime import Runner, pipelined
 from .score import Score
 from .shards import LayerPartial, columns_of, identity
-from .stats import Moments, present_codes
+from .stats import Moments, code_masks
 
 KINDS = ("count", "capture", "refit", "report")
 
@@ -194,7 +194,7 @@ def capture_map(runner: Runner, reader: Any, task: PassTask, model: Any, *, name
     for rows, out in pipelined(reader(first_pass=True), lambda r: runner.run(r.feeds)):
         n = len(rows.code)
         fit = rows.u >= h
-        masks = [(int(c), fit & (rows.code == c)) for c in present_codes(rows.code[fit])]
+        masks = code_masks(rows.code, fit)
         for layer in task.layers:
             x = layer_rows(np.asarray(out[layer.input]), n, layer)
             by_code = moments[layer.index]

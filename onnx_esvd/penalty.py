@@ -391,37 +391,40 @@ class _Whitened:
         return ((grad_theta[self.index] @ self.unit) * self.scale[:, None]).ravel()
 
 
+class _Raw:
+    """The parameters as they are (`theta = theta0 + phi`): more than the final node, or a non-linear one."""
+
+    @staticmethod
+    def theta(theta0: np.ndarray, phi: np.ndarray) -> np.ndarray:
+        return theta0 + phi
+
+    @staticmethod
+    def grad(grad_theta: np.ndarray) -> np.ndarray:
+        return grad_theta
+
+
 def _fit_free(chain: Chain, h_in, t, group, w, k: int, *, lam, kind, ridge, rounds, maxiter, score_column,
               record: bool, moments: FitMoments | None = None) -> tuple[Chain, PenalisedDiagnostics]:
     groups = _Groups(group, w)
     obj = _Objective(chain, h_in, t, groups, k, lam=lam, kind=kind, ridge=ridge, score_column=score_column,
                      moments=moments)
     theta = obj.start.copy()
-    if k == 1 and chain.layers[-1].act.kind == "identity":
-        white = _Whitened(obj)
-
-        def to_theta(anchor: np.ndarray, phi: np.ndarray) -> np.ndarray:
-            return white.theta(anchor, phi)
-
-        def fun(phi: np.ndarray, anchor: np.ndarray) -> tuple[float, np.ndarray]:
-            value, grad = obj(white.theta(anchor, phi))
-            return value, white.grad(grad)
-    else:
-        def to_theta(anchor: np.ndarray, phi: np.ndarray) -> np.ndarray:
-            return anchor + phi
-
-        def fun(phi: np.ndarray, anchor: np.ndarray) -> tuple[float, np.ndarray]:
-            return obj(anchor + phi)
+    coords = _Whitened(obj) if k == 1 and chain.layers[-1].act.kind == "identity" else _Raw()
     iters, msgs, history = [], [], []
     n_rounds = rounds if lam else 1
     for _ in range(n_rounds):
         obj.refix(theta)
         anchor = theta
+
+        def fun(phi: np.ndarray) -> tuple[float, np.ndarray]:
+            value, grad = obj(coords.theta(anchor, phi))
+            return value, coords.grad(grad)
+
         trace = [obj(theta)[0]] if record else []
-        callback = (lambda xk: trace.append(obj(to_theta(anchor, xk))[0])) if record else None
-        res = lbfgs.minimize(lambda phi: fun(phi, anchor), np.zeros_like(theta), maxiter=maxiter, memory=20,
-                             ftol=1e-12, gtol=1e-9, callback=callback)
-        theta = to_theta(anchor, res.x)
+        callback = (lambda xk: trace.append(obj(coords.theta(anchor, xk))[0])) if record else None
+        res = lbfgs.minimize(fun, np.zeros_like(theta), maxiter=maxiter, memory=20, ftol=1e-12, gtol=1e-9,
+                             callback=callback)
+        theta = coords.theta(anchor, res.x)
         iters.append(int(res.nit))
         msgs.append(str(res.message))
         history.append(tuple(trace))

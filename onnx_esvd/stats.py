@@ -24,6 +24,12 @@ def present_codes(code: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.bincount(c.astype(np.int64, copy=False)))
 
 
+def code_masks(code: np.ndarray, fit: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(code, row mask) of every code present among a batch's fit rows: `code: [n]` non-negative ints, `fit: [n]`
+    bool; each mask is `fit & (code == c)`, shared by every layer reduced from the batch."""
+    return [(int(c), fit & (code == c)) for c in present_codes(code[fit])]
+
+
 class Moments:
     """Running count, mean and centred scatter of d-dimensional rows.
 
