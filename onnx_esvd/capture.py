@@ -18,7 +18,7 @@ from .guards import stats_finite
 from .metrics import REPORT_ROWS, OutputCollector, OutputMetrics
 from .runtime import Runner, pipelined
 from .score import Score
-from .stats import GroupStats, Moments, code_masks
+from .stats import GroupStats, Moments, add_by_code, code_masks
 
 
 
@@ -83,8 +83,7 @@ def capture(model: onnx.ModelProto, layers: Sequence[LinearLayer], reader: RowRe
             moments = cap.moments[layer.index]
             while len(moments) < max(2, len(reader.wanted or reader.labels)):
                 moments.append(Moments(d))
-            for c, mask in masks:
-                moments[c].add(x[mask])
+            add_by_code(moments, x, masks, d)
         if cap.width is None and report:
             cap.width = int(np.asarray(out[score.tensor]).reshape(n, -1).shape[1]) if n else None
         in_report = report_mask(rows, holdout) if report else None

@@ -31,7 +31,7 @@ from .rowsample import fold_of
 from .runtime import Runner, pipelined
 from .score import Score
 from .shards import LayerPartial, columns_of, identity
-from .stats import Moments, code_masks
+from .stats import Moments, add_by_code, add_counts, code_masks
 
 KINDS = ("count", "capture", "refit", "report")
 
@@ -197,13 +197,8 @@ def capture_map(runner: Runner, reader: Any, task: PassTask, model: Any, *, name
         masks = code_masks(rows.code, fit)
         for layer in task.layers:
             x = layer_rows(np.asarray(out[layer.input]), n, layer)
-            by_code = moments[layer.index]
-            for c, mask in masks:
-                while len(by_code) <= c:
-                    by_code.append(Moments(layer.in_features))
-                by_code[c].add(x[mask])
-        counts = np.bincount(rows.code, minlength=len(seen))
-        seen = np.concatenate([seen, np.zeros(len(counts) - len(seen), dtype=np.int64)]) + counts
+            add_by_code(moments[layer.index], x, masks, layer.in_features)
+        seen = add_counts(seen, rows.code)
         if task.report:
             if width is None and n:
                 width = int(np.asarray(out[score.tensor]).reshape(n, -1).shape[1])

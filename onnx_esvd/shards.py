@@ -29,7 +29,7 @@ import onnx
 
 from ._version import __version__
 from .errors import DataError, OptionError
-from .stats import GroupStats, Moments, code_masks
+from .stats import GroupStats, Moments, add_by_code, add_counts, code_masks
 
 FORMAT = "onnx-esvd.layer-stats"
 FORMAT_VERSION = 1
@@ -339,12 +339,8 @@ def map_batches(runner: Any, layer: Any, reader: Any, *, holdout: float, header:
         n = len(rows.code)
         x = layer_rows(np.asarray(out[layer.input]), n, layer)
         fit = rows.u >= holdout
-        for c, mask in code_masks(rows.code, fit):
-            while len(by_code) <= c:
-                by_code.append(Moments(d))
-            by_code[c].add(x[mask])
-        counts = np.bincount(rows.code, minlength=len(seen_code))
-        seen_code = np.concatenate([seen_code, np.zeros(len(counts) - len(seen_code), dtype=np.int64)]) + counts
+        add_by_code(by_code, x, code_masks(rows.code, fit), d)
+        seen_code = add_counts(seen_code, rows.code)
         done += n
         if progress is not None:
             progress("capture", done)

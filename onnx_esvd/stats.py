@@ -30,6 +30,21 @@ def code_masks(code: np.ndarray, fit: np.ndarray) -> list[tuple[int, np.ndarray]
     return [(int(c), fit & (code == c)) for c in present_codes(code[fit])]
 
 
+def add_by_code(by_code: list["Moments"], x: np.ndarray, masks: list[tuple[int, np.ndarray]], dim: int) -> None:
+    """Reduce a batch's rows `x: [n, dim]` into the accumulator of each code in `masks` (`code_masks`), growing
+    `by_code` (one Moments per label code) as new codes appear."""
+    for c, mask in masks:
+        while len(by_code) <= c:
+            by_code.append(Moments(dim))
+        by_code[c].add(x[mask])
+
+
+def add_counts(seen: np.ndarray, code: np.ndarray) -> np.ndarray:
+    """Rows seen per label code `[c]` after adding a batch's non-negative `code: [n]` (grown to the largest code)."""
+    counts = np.bincount(code, minlength=len(seen))
+    return np.concatenate([seen, np.zeros(len(counts) - len(seen), dtype=np.int64)]) + counts
+
+
 class Moments:
     """Running count, mean and centred scatter of d-dimensional rows.
 
