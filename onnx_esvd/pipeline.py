@@ -508,6 +508,11 @@ def _finish(prep: _Prepared, patched: onnx.ModelProto, result: EsvdResult, refit
         if o.how == "derived":
             notes.append(f"output '{o.name}' is computed from the scored output's final node, so it changes with "
                          f"the repair (relative RMS change {drift.relative:.3g} on the report rows)")
+    if penalty is not None and penalty.limited_rounds:
+        rounds = ", ".join(str(r) for r in penalty.limited_rounds)
+        notes.append(f"the {refit_report.mode} refit's optimiser stopped at its iteration limit in round {rounds}: its "
+                     "weights are not converged and may move with --batch-size or the file split (the report "
+                     "measures the model as written)")
     if after.ks > prep.before.ks:
         notes.append(f"the repair made the KS worse on the report rows ({prep.before.ks:.4f} -> {after.ks:.4f}); "
                      "do not ship this model: try another --layer, --refit or more calibration rows")

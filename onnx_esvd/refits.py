@@ -106,10 +106,11 @@ class PenaltyReport:
     fit_ks: float
     mse_term: float
     penalty: float
+    limited_rounds: tuple[int, ...] = ()  # rounds (1-based) that L-BFGS left at its iteration limit
 
     def to_dict(self) -> dict:
         return {"rows_kept": self.kept, "rows_seen": self.seen, "fit_row_ks": self.fit_ks,
-                "mse_term": self.mse_term, "penalty": self.penalty}
+                "mse_term": self.mse_term, "penalty": self.penalty, "iteration_limit_rounds": list(self.limited_rounds)}
 
 
 def fit_final(acc: refit_mod.RefitAccumulator, final: LinearLayer, spec: RefitSpec, kind: str
@@ -171,5 +172,6 @@ def penalised(model: onnx.ModelProto, chain_layers: Any, sample: Any, start: ref
     name = dict(enumerate(labels))
     info = PenaltyReport(kept={name.get(g, str(g)): int(c) for g, c in rows.kept.items()},
                          seen={name.get(g, str(g)): int(c) for g, c in rows.seen.items()},
-                         fit_ks=float(diag.fit_ks), mse_term=float(diag.mse_term), penalty=float(diag.penalty))
+                         fit_ks=float(diag.fit_ks), mse_term=float(diag.mse_term), penalty=float(diag.penalty),
+                         limited_rounds=tuple(r + 1 for r, msg in enumerate(diag.messages) if msg.startswith("STOP")))
     return dataclasses.replace(report, mode=spec.mode, parity_gap=float("nan")), info

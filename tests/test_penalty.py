@@ -532,3 +532,25 @@ def test_final_node_fit_does_not_depend_on_the_units_of_its_inputs(kind):
         outs.append(new.forward(x)[:, 0])
     tol = 1e-5 if kind == "cdf" else 1e-2  # w2 is differentiable almost everywhere only (sorted outputs)
     assert np.max(np.abs(outs[0] - outs[1])) <= tol * np.std(outs[0])
+
+
+def test_repair_says_when_the_penalised_fit_stops_at_its_iteration_limit(monkeypatch):
+    """A cdf refit whose L-BFGS rounds end at the iteration limit (here forced to 1) is reported, in the notes and
+    the JSON; a converged one says nothing."""
+    import functools
+
+    from conftest import FIXTURES, load_table
+
+    import onnx_esvd.penalty as penalty_mod
+    from onnx_esvd import repair
+
+    model = FIXTURES / "gemm_transb0_alpha.onnx"
+    d = {c: np.asarray(v) for c, v in load_table(FIXTURES / "gemm_transb0_alpha.csv").items()}
+    opts = dict(layer=1, group="g", target="y", bootstrap=0, refit="cdf")
+    done = repair(model, d, **opts)
+    assert done.penalty.limited_rounds == () and not any("iteration limit" in n for n in done.warnings)
+    monkeypatch.setattr(penalty_mod, "penalised_fit", functools.partial(penalty_mod.penalised_fit, maxiter=1))
+    cut = repair(model, d, **opts)
+    assert cut.penalty.limited_rounds == (1, 2, 3, 4)
+    assert cut.penalty.to_dict()["iteration_limit_rounds"] == [1, 2, 3, 4]
+    assert any("iteration limit in round 1, 2, 3, 4" in n for n in cut.warnings)
