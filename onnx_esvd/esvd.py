@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import OptionError
-from .stats import GroupStats, GroupWeights
+from .stats import GroupStats, GroupWeights, median
 
 
 @dataclass(frozen=True)
@@ -291,7 +291,7 @@ def second_moment_step(weight: np.ndarray, stats: GroupStats, c2: float,
     before = float(np.sum(sigma**4))
     target = before / c2
     pos = (k > 0) & (sigma > 0)
-    scale = float(np.median(k[pos] / sigma[pos] ** 2)) if np.any(pos) else 1.0
+    scale = median(k[pos] / sigma[pos] ** 2) if np.any(pos) else 1.0
     lam = solve_multiplier(lambda t: float(np.sum(cubic_shrink(sigma, k, t) ** 4)), target, scale)
     sigma_new = cubic_shrink(sigma, k, lam)
     new = weight + (u * (sigma_new - sigma)) @ a
@@ -299,20 +299,95 @@ def second_moment_step(weight: np.ndarray, stats: GroupStats, c2: float,
     return new, report
 
 
-def mean_gap_factor(delta: np.ndarray, eps: float) -> np.ndarray:
-    """Lower Cholesky factor S of M = B + eps I, [d, d].
+@dataclass(frozen=True)
+class MeanGapRoot:
+    """M = B + eps I through its symmetric square root S = M^(1/2), never formed ([d, d] products cost O(d q)).
+
+    B = Delta^T Delta with Delta: [q, d] (q = 1 for two groups: B = delta delta^T). With Delta Delta^T =
+    R diag(lam) R^T and P = R^T Delta: [q, d] (orthogonal rows of squared norms lam),
+    S = sqrt(eps) I + P^T diag(a) P and S^-1 = I / sqrt(eps) - P^T diag(b) P, where
+    a = 1 / (sqrt(eps + lam) + sqrt(eps)) and b = a / sqrt(eps (eps + lam)) (no division by lam, so a rank
+    deficient Delta needs nothing special). Any factor of M gives the same first-moment step (S Q for an
+    orthogonal Q rotates V and leaves U, sigma and V^T S^-1 unchanged); this one replaces a Cholesky
+    factor, a [d, d] product and an LU solve.
+
+    Attributes:
+        root_eps: sqrt(eps).
+        p: P, [q, d].
+        a, b: [q] the coefficients above.
+    """
+
+    root_eps: float
+    p: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+
+    @property
+    def dim(self) -> int:
+        return int(self.p.shape[1])
+
+    def times(self, w: np.ndarray) -> np.ndarray:
+        """W S for `w: [m, d]`."""
+        return self.root_eps * w + ((w @ self.p.T) * self.a) @ self.p
+
+    def solve(self, v: np.ndarray) -> np.ndarray:
+        """V S^-1 for `v: [r, d]`."""
+        return v / self.root_eps - ((v @ self.p.T) * self.b) @ self.p
+
+    def matrix(self) -> np.ndarray:
+        """S, [d, d] (for checks and small problems)."""
+        return self.times(np.eye(self.dim))
+
+
+@dataclass(frozen=True)
+class MeanGapCholesky:
+    """M = B + eps I through its lower Cholesky factor L (the spec's S), for small d: `l: [d, d]`."""
+
+    l: np.ndarray
+
+    @property
+    def dim(self) -> int:
+        return int(self.l.shape[0])
+
+    def times(self, w: np.ndarray) -> np.ndarray:
+        """W S for `w: [m, d]`."""
+        return w @ self.l
+
+    def solve(self, v: np.ndarray) -> np.ndarray:
+        """V S^-1 for `v: [r, d]` (S^T X^T = V^T: LU of a triangular matrix, so back-substitution)."""
+        return np.linalg.solve(self.l.T, v.T).T
+
+    def matrix(self) -> np.ndarray:
+        return self.l
+
+
+def mean_gap_factor(delta: np.ndarray, eps: float) -> MeanGapRoot | MeanGapCholesky:
+    """A factor S of M = B + eps I (S S^T = M): the symmetric square root (`MeanGapRoot`) from d >= GRAM_FROM,
+    below it the lower Cholesky factor (the spec's route, and round 1's bits; both give the same step).
 
     `delta: [d]` gives B = delta delta^T (two groups); `delta: [q, d]` (the stacked Delta) gives
-    B = Delta^T Delta.
+    B = Delta^T Delta. Refuses an `eps` below the rounding of B's largest eigenvalue (M is then singular in
+    float64).
     """
-    d = delta.shape[-1]
-    m = np.outer(delta, delta) if delta.ndim == 1 else delta.T @ delta
-    m[np.diag_indices(d)] += eps
-    try:
-        return np.linalg.cholesky(m)
-    except np.linalg.LinAlgError:
-        raise OptionError(f"--eps {eps:g} is too small for this layer: delta delta^T + eps I is not positive "
-                          "definite in float64; use a larger --eps (default 1e-5)") from None
+    rows = np.atleast_2d(np.asarray(delta, dtype=np.float64))
+    d = rows.shape[1]
+    lam, r = np.linalg.eigh(rows @ rows.T)
+    lam = np.maximum(lam, 0.0)
+    top = float(lam.max()) if lam.size else 0.0
+    refuse = OptionError(f"--eps {eps:g} is too small for this layer: delta delta^T + eps I is not positive "
+                         "definite in float64; use a larger --eps (default 1e-5)")
+    if not eps > np.finfo(np.float64).eps * top:
+        raise refuse
+    if d < GRAM_FROM:
+        m = rows.T @ rows
+        m[np.diag_indices(d)] += eps
+        try:
+            return MeanGapCholesky(np.linalg.cholesky(m))
+        except np.linalg.LinAlgError:
+            raise refuse from None
+    root = float(np.sqrt(eps))
+    a = 1.0 / (np.sqrt(eps + lam) + root)
+    return MeanGapRoot(root, r.T @ rows, a, a / (root * np.sqrt(eps + lam)))
 
 
 def mean_gap_rows(stats: GroupStats, weights: GroupWeights = "size") -> np.ndarray:
@@ -332,21 +407,19 @@ def first_moment_step(weight: np.ndarray, stats: GroupStats, c1: float, eps: flo
     if c1 == 1.0:
         return weight.copy(), _skipped(c1, 2)
     s = mean_gap_factor(mean_gap_rows(stats, weights), eps)
-    ws = weight @ s
-    u, sigma, vt = thin_svd(ws)
+    u, sigma, vt = thin_svd(s.times(weight))
     if not np.any(sigma > 0):
-        return weight.copy(), _skipped(c1, 2, sigma, s.shape[0])
-    # B = V^T S^{-1}: solve S^T B^T = V with S lower triangular.
-    b = np.linalg.solve(s.T, vt.T).T  # LU of an upper-triangular matrix: no pivoting, back-substitution
+        return weight.copy(), _skipped(c1, 2, sigma, s.dim)
+    b = s.solve(vt)  # B = V^T S^-1
     k = np.maximum(_row_quadratic(b, stats.gram), 0.0)
     before = float(np.sum(sigma**2))
     target = before / c1
     pos = k > 0
-    scale = float(np.median(k[pos])) if np.any(pos) else 1.0
+    scale = median(k[pos]) if np.any(pos) else 1.0
     lam = solve_multiplier(lambda t: float(np.sum(ridge_shrink(sigma, k, t) ** 2)), target, scale)
     sigma_new = ridge_shrink(sigma, k, lam)
     new = weight + (u * (sigma_new - sigma)) @ b
-    report = StepReport(True, float(c1), s.shape[0], sigma, sigma_new, k, lam, before, float(np.sum(sigma_new**2)))
+    report = StepReport(True, float(c1), s.dim, sigma, sigma_new, k, lam, before, float(np.sum(sigma_new**2)))
     return new, report
 
 
@@ -427,7 +500,7 @@ def disparity_view(weight: np.ndarray, stats: GroupStats, *, eps: float = 1e-5, 
     else:
         wd = w @ rows.T
         gap1 = float(np.sum(wd * wd))
-    sigma1 = np.linalg.svd(w @ mean_gap_factor(rows, eps), compute_uv=False)
+    sigma1 = np.linalg.svd(mean_gap_factor(rows, eps).times(w), compute_uv=False)
     trace = float(np.trace(spread))
     first = MomentGap(gap=gap1, bound=gap1 + eps * float(np.sum(w * w)), top_share=_share(sigma1**2, top),
                       relative=gap1 / trace if trace > 0 else 0.0, sigma=tuple(float(v) for v in sigma1[:top]))

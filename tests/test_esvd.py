@@ -516,3 +516,60 @@ def test_reference_oracle_meets_the_spec_itself(m, d):
     w1_skip, w2_skip = reference_esvd(w, x0, x1, 1.0, 1.0, 1e-5)
     np.testing.assert_array_equal(w1_skip, w)
     np.testing.assert_array_equal(w2_skip, w)
+
+
+# --------------------------------------------------------------------------------------------------
+# the first moment's factor: symmetric square root (wide layers) against Cholesky (the spec's route)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@given(seed=st.integers(0, 10_000), d=st.integers(2, 12), q=st.integers(1, 4), rank=st.integers(0, 4),
+       log_eps=st.floats(-8, 1), log_scale=st.floats(-3, 3))
+def test_mean_gap_root_is_the_square_root_of_m_and_inverts(seed, d, q, rank, log_eps, log_scale):
+    """S = M^(1/2) symmetric with S S = Delta^T Delta + eps I and (V S^-1) S = V, also for a rank-deficient Delta
+    (k groups: rank <= k - 1) and a zero one."""
+    import onnx_esvd.esvd as esvd_mod
+
+    rng = np.random.default_rng(seed)
+    delta = rng.standard_normal((q, min(rank, q))) @ rng.standard_normal((min(rank, q), d)) * 10**log_scale
+    eps = 10**log_eps
+    m = delta.T @ delta + eps * np.eye(d)
+    old = esvd_mod.GRAM_FROM
+    try:
+        esvd_mod.GRAM_FROM = 1
+        root = esvd_mod.mean_gap_factor(delta, eps)
+    finally:
+        esvd_mod.GRAM_FROM = old
+    assert isinstance(root, esvd_mod.MeanGapRoot)
+    s = root.matrix()
+    assert np.allclose(s, s.T, rtol=0, atol=1e-13 * np.abs(s).max())
+    assert rel_err(s @ s, m) <= 1e-12
+    v = rng.standard_normal((3, d))
+    assert rel_err(root.solve(v) @ s, v) <= 1e-10 * np.sqrt(np.linalg.cond(m))
+    chol = np.linalg.cholesky(m)  # any factor: S = L Q with Q orthogonal
+    q_mat = np.linalg.solve(chol, s)
+    assert np.abs(q_mat.T @ q_mat - np.eye(d)).max() <= 1e-9 * np.linalg.cond(m)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, database=None)
+@given(seed=st.integers(0, 10_000), m=st.integers(1, 6), d=st.integers(2, 10), log_c1=st.floats(0.05, 3),
+       dead=st.booleans())
+def test_first_moment_step_is_the_same_through_either_factor(seed, m, d, log_c1, dead):
+    """The step through the symmetric root equals the step through the Cholesky factor (the spec's S): any factor
+    of M rotates V and leaves U, sigma and V^T S^-1 unchanged."""
+    import onnx_esvd.esvd as esvd_mod
+
+    w, x0, x1 = make_problem(seed, m, d, dead=(0,) if dead else ())
+    stats = LayerStats.from_arrays(x0, x1)
+    c1 = 10**log_c1
+    old = esvd_mod.GRAM_FROM
+    try:
+        esvd_mod.GRAM_FROM = 10**9
+        by_chol, rep_chol = first_moment_step(w, stats, c1, 1e-5)
+        esvd_mod.GRAM_FROM = 1
+        by_root, rep_root = first_moment_step(w, stats, c1, 1e-5)
+    finally:
+        esvd_mod.GRAM_FROM = old
+    assert rel_err(by_root, by_chol) <= 1e-9
+    assert rel_err(rep_root.sigma, rep_chol.sigma) <= 1e-9
+    assert abs(rep_root.bound_after - rep_chol.bound_after) <= 1e-9 * rep_chol.bound_after
