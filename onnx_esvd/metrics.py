@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .rowsample import water_level
-from .stats import present_codes
+from .stats import present_codes, quantile
 from .ks import PooledOrder, ks_critical, ks_max_pairwise, ks_noise_floor, ks_statistic, ks_to_overall
 
 __all__ = ["GroupSummary", "OutputMetrics", "OutputCollector", "REPORT_ROWS", "output_metrics", "ks_statistic",
@@ -401,7 +401,7 @@ class OutputCollector:
             out["mse"] = mse_b
         result = {}
         for name, x in out.items():
-            lo, hi = float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))
+            lo, hi = (float(v) for v in quantile(x, [0.025, 0.975]))
             if point is not None and name in ("ks", "mean_gap") and np.isfinite(point.get(name, np.nan)):
                 p = point[name]
                 lo, hi = max(0.0, 2 * p - hi), max(0.0, 2 * p - lo)

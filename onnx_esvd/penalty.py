@@ -44,6 +44,7 @@ from .chain import Chain
 from .errors import DataError, OptionError
 from .fitmoments import FitMoments
 from .metrics import ks_statistic
+from .stats import quantile
 
 PenaltyKind = Literal["cdf", "w2"]
 N_THRESHOLDS = 64
@@ -174,7 +175,8 @@ def w2_penalty(s: np.ndarray, groups: _Groups) -> tuple[float, np.ndarray]:
 
 def max_pairwise_ks(scores: np.ndarray, group: np.ndarray, min_rows: int = MIN_KS_ROWS) -> float:
     """Largest exact KS between any two groups with at least `min_rows` rows (nan if fewer than 2 such)."""
-    codes = [c for c in np.unique(group) if np.sum(group == c) >= min_rows]
+    codes, counts = np.unique(group, return_counts=True)  # (return_counts also keeps numpy.ma out)
+    codes = codes[counts >= min_rows]
     best = float("nan")
     for i, a in enumerate(codes):
         for b in codes[i + 1:]:
@@ -251,7 +253,7 @@ class _Objective:
 
     def refix(self, theta: np.ndarray) -> None:
         s = self.chain.with_params(self.k, theta).forward(self.h_in, start=len(self.chain) - self.k)[:, self.col]
-        self.thresholds = np.quantile(s, np.linspace(0.01, 0.99, N_THRESHOLDS))
+        self.thresholds = quantile(s, np.linspace(0.01, 0.99, N_THRESHOLDS))
         sd = float(np.std(s))
         self.width = TAU_SHARE * (sd if sd > 0 else float(np.sqrt(self.tvar[self.col])))
 

@@ -24,6 +24,32 @@ def present_codes(code: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.bincount(c.astype(np.int64, copy=False)))
 
 
+def quantile(x: np.ndarray, q: float | np.ndarray) -> np.ndarray:
+    """np.quantile(x, q) of a 1-d `x: [n]` (n >= 1) with numpy's default linear method, bit for bit, without
+    numpy.ma: numpy's own quantile calls np.unique, which imports numpy.ma (about 50 ms) on its first call.
+    Returns a float for a scalar `q`, else `[len(q)]`."""
+    a = np.sort(np.asarray(x, dtype=np.float64).ravel())
+    qs = np.asarray(q, dtype=np.float64)
+    virtual = (a.size - 1) * qs
+    prev = np.floor(virtual)
+    gamma = virtual - prev
+    lo = np.clip(prev.astype(np.intp), 0, a.size - 1)
+    hi = np.clip(lo + 1, 0, a.size - 1)
+    below, above = a[lo], a[hi]
+    diff = above - below
+    out = np.asarray(below + diff * gamma, dtype=np.float64)
+    np.subtract(above, diff * (1 - gamma), out=out, where=gamma >= 0.5)
+    return out[()] if out.ndim == 0 else out
+
+
+def median(x: np.ndarray) -> float:
+    """np.median of a 1-d `x: [n]` (n >= 1), bit for bit, without numpy.ma (see `quantile`)."""
+    a = np.asarray(x).ravel()
+    half = a.size // 2
+    kth = [half - 1, half] if a.size % 2 == 0 else [half]
+    return float(np.mean(np.partition(a, kth)[kth]))
+
+
 def code_masks(code: np.ndarray, fit: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """(code, row mask) of every code present among a batch's fit rows: `code: [n]` non-negative ints, `fit: [n]`
     bool; each mask is `fit & (code == c)`, shared by every layer reduced from the batch."""
@@ -36,7 +62,7 @@ def add_by_code(by_code: list["Moments"], x: np.ndarray, masks: list[tuple[int, 
     for c, mask in masks:
         while len(by_code) <= c:
             by_code.append(Moments(dim))
-        by_code[c].add(x[mask])
+        by_code[c].add(x[mask], scratch=True)
 
 
 def add_counts(seen: np.ndarray, code: np.ndarray) -> np.ndarray:
@@ -65,13 +91,19 @@ class Moments:
     def dim(self) -> int:
         return self.mean.shape[0]
 
-    def add(self, rows: np.ndarray) -> None:
-        """Reduce a batch `rows: [n, d]` (any float dtype; reduced in float64) and merge it in."""
+    def add(self, rows: np.ndarray, *, scratch: bool = False) -> None:
+        """Reduce a batch `rows: [n, d]` (any float dtype; reduced in float64) and merge it in.
+
+        `scratch=True`: `rows` is a temporary of the caller's (e.g. a masked copy), which a float64 batch is
+        centred in place instead of copied again."""
         n_b = rows.shape[0]
         if n_b == 0:
             return
         mean_b = rows.mean(axis=0, dtype=np.float64)
-        xc = np.subtract(rows, mean_b, dtype=np.float64)  # centred in float64: one copy
+        if scratch and rows.dtype == np.float64 and rows.flags.writeable:
+            xc = np.subtract(rows, mean_b, out=rows)
+        else:
+            xc = np.subtract(rows, mean_b, dtype=np.float64)  # centred in float64: one copy
         self._merge(n_b, mean_b, xc.T @ xc)
 
     def merge(self, other: "Moments") -> None:

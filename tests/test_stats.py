@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnx_esvd.stats import GroupStats, LayerStats, Moments
+from onnx_esvd.stats import GroupStats, LayerStats, Moments, median, quantile
 
 RTOL = 1e-10
 
@@ -219,3 +219,16 @@ def test_present_codes_is_np_unique(codes, dtype):
 
     c = np.array(codes, dtype=dtype)
     assert np.array_equal(present_codes(c), np.unique(c).astype(np.int64))
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(x=st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=40),
+       q=st.lists(st.floats(0, 1), min_size=1, max_size=5), ties=st.booleans())
+def test_quantile_and_median_equal_numpys_bit_for_bit(x, q, ties):
+    """stats.quantile / stats.median (which keep numpy.ma out of the import) give numpy's linear-method answer."""
+    a = np.round(np.asarray(x)) if ties else np.asarray(x)
+    assert np.array_equal(quantile(a, np.asarray(q)), np.quantile(a, np.asarray(q)))
+    for v in (*q, 0.025, 0.975, 0.0, 1.0):
+        assert quantile(a, v) == np.quantile(a, v)
+        assert isinstance(quantile(a, v), float | np.floating)
+    assert median(a) == np.median(a)
