@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from .errors import DataError, LayerError, ModelError
-from .graph import LinearLayer, with_outputs
+from .graph import LinearLayer, upstream, with_outputs
 from .guards import stats_finite
 from .metrics import REPORT_ROWS, OutputCollector, OutputMetrics
 from .runtime import Runner, pipelined
@@ -65,32 +65,74 @@ def score_runner(model: onnx.ModelProto, score: Score, tensors: Sequence[tuple[s
     return Runner(with_outputs(model, wanted), list(dict.fromkeys(name for name, _ in wanted)))
 
 
+class FirstPass:
+    """Pass 1's onnxruntime sessions. onnxruntime runs every node of a graph whatever is fetched, so the fit rows
+    that are not report rows run the graph cut after the layers' inputs (`graph.upstream`; for layer 0 of a
+    plain MLP that is no inference at all), and only the report rows run the whole model.
+
+    `parts(rows)` (thread-safe: it only runs sessions) gives the batch's parts as (rows, outputs, whole): a part
+    with `whole` False holds fit rows and only the layers' inputs; rows that are neither fit nor report rows
+    are not run.
+    """
+
+    def __init__(self, model: onnx.ModelProto, layers: Sequence[LinearLayer], score: Score, holdout: float, *,
+                 report: bool) -> None:
+        tensors = [(layer.input, layer.elem_type) for layer in layers]
+        self.full = score_runner(model, score, tensors)
+        # with --holdout 0 every fit row is a report row: then nothing runs the cut
+        cut = upstream(model, tensors) if tensors and (holdout > 0 or not report) else None
+        self.cut = None if cut is None else Runner(cut, list(dict.fromkeys(name for name, _ in tensors)))
+        self.holdout, self.report = holdout, report
+
+    def parts(self, rows: Rows) -> list[tuple[Rows, dict, bool]]:
+        if self.cut is None:
+            return [(rows, self.full.run(rows.feeds), True)]
+        fit = rows.u >= self.holdout
+        measured = report_mask(rows, self.holdout) if self.report else np.zeros(len(fit), dtype=bool)
+        alone = fit & ~measured
+        if not alone.any():
+            return [(rows, self.full.run(rows.feeds), True)]
+        out = []
+        part = rows if alone.all() else rows.take(alone)
+        out.append((part, self.cut.run(part.feeds), False))
+        if measured.any():
+            part = rows.take(measured)
+            out.append((part, self.full.run(part.feeds), True))
+        return out
+
+    def close(self) -> None:
+        self.full.close()
+        if self.cut is not None:
+            self.cut.close()
+
+
 def capture(model: onnx.ModelProto, layers: Sequence[LinearLayer], reader: RowReader, holdout: float,
             progress: Progress, score: Score, *, report: bool = True) -> Capture:
     """Pass 1 over the original model: every given layer's input on the fit rows (reduced per batch into
     float64 moments, O(sum d^2) memory) and, with `report`, the scored output on the report rows."""
-    runner = score_runner(model, score, [(layer.input, layer.elem_type) for layer in layers])
+    runner = FirstPass(model, layers, score, holdout, report=report)
     cap = Capture(moments={layer.index: [] for layer in layers})
     done = 0
-    for rows, out in pipelined(reader(first_pass=True), lambda r: runner.run(r.feeds)):
-        n = len(rows.code)
-        fit = rows.u >= holdout
-        # one boolean mask per label code present among the fit rows, shared by every layer
-        masks = code_masks(rows.code, fit)
-        for layer in layers:
-            d = layer.in_features
-            x = layer_rows(np.asarray(out[layer.input]), n, layer)
-            moments = cap.moments[layer.index]
-            while len(moments) < max(2, len(reader.wanted or reader.labels)):
-                moments.append(Moments(d))
-            add_by_code(moments, x, masks, d)
-        if cap.width is None and report:
-            cap.width = int(np.asarray(out[score.tensor]).reshape(n, -1).shape[1]) if n else None
-        in_report = report_mask(rows, holdout) if report else None
-        if in_report is not None and in_report.any():
-            cap.report.add(score.take(out[score.tensor], n)[in_report], rows.code[in_report],
-                           None if rows.target is None else rows.target[in_report], priority=rows.u[in_report])
-        done += n
+    for _, parts in pipelined(reader(first_pass=True), runner.parts):
+        for rows, out, whole in parts:
+            n = len(rows.code)
+            fit = rows.u >= holdout
+            # one boolean mask per label code present among the fit rows, shared by every layer
+            masks = code_masks(rows.code, fit)
+            for layer in layers:
+                d = layer.in_features
+                x = layer_rows(np.asarray(out[layer.input]), n, layer)
+                moments = cap.moments[layer.index]
+                while len(moments) < max(2, len(reader.wanted or reader.labels)):
+                    moments.append(Moments(d))
+                add_by_code(moments, x, masks, d)
+            if whole and cap.width is None and report:
+                cap.width = int(np.asarray(out[score.tensor]).reshape(n, -1).shape[1]) if n else None
+            in_report = report_mask(rows, holdout) if report and whole else None
+            if in_report is not None and in_report.any():
+                cap.report.add(score.take(out[score.tensor], n)[in_report], rows.code[in_report],
+                               None if rows.target is None else rows.target[in_report], priority=rows.u[in_report])
+            done += n
         progress("capture", done)
     runner.close()
     if reader.total == 0:

@@ -526,6 +526,42 @@ def with_outputs(model: onnx.ModelProto, tensors: Iterable[tuple[str, int]]) -> 
     return out
 
 
+def upstream(model: onnx.ModelProto, tensors: Iterable[tuple[str, int]]) -> onnx.ModelProto | None:
+    """A copy of `model` cut down to the nodes that the given (name, element type) tensors depend on, with those
+    tensors as its only outputs and only the initializers those nodes read; None when the cut would drop no node,
+    or when a node holds a subgraph (If, Loop, Scan: their bodies read outer tensors that the walk does not see).
+
+    onnxruntime runs every node of a graph whatever is fetched, so a pass that needs a layer's input only runs
+    this cut."""
+    graph = model.graph
+    if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for node in graph.node for attr in node.attribute):
+        return None
+    wanted = list(dict.fromkeys(tensors))
+    keep: set[int] = set()
+    for name, _ in wanted:
+        keep |= ancestors(graph, name)
+    if len(keep) == len(graph.node):
+        return None
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    nodes = [graph.node[i] for i in sorted(keep)]
+    read = {name for node in nodes for name in node.input if name}
+    dropped = {t.name for t in graph.initializer if t.name not in read}
+    del g.node[:]
+    g.node.extend(nodes)
+    inits = [t for t in graph.initializer if t.name not in dropped]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    inputs = [i for i in graph.input if i.name not in dropped]  # an initializer listed as an input goes with it
+    del g.input[:]
+    g.input.extend(inputs)
+    del g.output[:]
+    g.output.extend(onnx.helper.make_tensor_value_info(name, elem_type, None) for name, elem_type in wanted)
+    return out
+
+
 def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """Graph inputs that are fed at run time (not initializers)."""
     inits = {t.name for t in model.graph.initializer}

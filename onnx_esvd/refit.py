@@ -53,7 +53,7 @@ class RefitAccumulator:
             for g in range(self.k):
                 rows = u[pmask & (c == g)]
                 if rows.shape[0]:
-                    self.parts[(part, g)].add(rows)
+                    self.parts[(part, g)].add(rows, scratch=True)
 
     def groups(self, parts: tuple[str, ...]) -> list[Moments]:
         """Moments of each of the k groups (in group order) merged over `parts`."""

@@ -290,6 +290,12 @@ class Rows:
     u: np.ndarray  # [n] seeded uniform per row
     index: np.ndarray | None = None  # [n] int64 global row index (what sharded passes key rows by)
 
+    def take(self, keep: np.ndarray) -> "Rows":
+        """The rows where `keep: [n] bool` is true, in order."""
+        return Rows({k: v[keep] for k, v in self.feeds.items()}, self.code[keep],
+                    None if self.target is None else self.target[keep], self.u[keep],
+                    None if self.index is None else self.index[keep])
+
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
