@@ -26,7 +26,7 @@ EXIT_INTERNAL = 1
 
 
 def usage_line(exc: ClickException) -> str:
-    """A usage error as one line: `error: invalid value for '--seed': 'abc' is not a valid integer; see ...`."""
+    """A usage error as one line: `error: invalid value for '--seed': 'abc' is not a valid int; see ...`."""
     text = " ".join(part.strip() for part in exc.format_message().splitlines() if part.strip()).rstrip(".")
     text = text[:1].lower() + text[1:]
     ctx = getattr(exc, "ctx", None)
