@@ -10,15 +10,7 @@ from typing import Iterator
 import typer
 from typer.core import TyperGroup
 
-try:  # typer >= 0.23 vendors click
-    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
-except ImportError:  # pragma: no cover - older typer with click installed
-    from click.exceptions import ClickException, UsageError
-
-    try:
-        from click.exceptions import NoArgsIsHelpError
-    except ImportError:
-        NoArgsIsHelpError = ()  # type: ignore[assignment,misc]
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer >= 0.26 vendors click
 
 #: Exit codes: 0 success, 1 internal error (or a failed gate), 2 bad input or usage.
 EXIT_BAD_INPUT = 2
