@@ -10,15 +10,7 @@ from typing import Iterator
 import typer
 from typer.core import TyperGroup
 
-try:  # typer >= 0.23 vendors click
-    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
-except ImportError:  # pragma: no cover - older typer with click installed
-    from click.exceptions import ClickException, UsageError
-
-    try:
-        from click.exceptions import NoArgsIsHelpError
-    except ImportError:
-        NoArgsIsHelpError = ()  # type: ignore[assignment,misc]
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer >= 0.26 vendors click
 
 #: Exit codes: 0 success, 1 internal error (or a failed gate), 2 bad input or usage.
 EXIT_BAD_INPUT = 2
@@ -26,7 +18,7 @@ EXIT_INTERNAL = 1
 
 
 def usage_line(exc: ClickException) -> str:
-    """A usage error as one line: `error: invalid value for '--seed': 'abc' is not a valid integer; see ...`."""
+    """A usage error as one line: `error: invalid value for '--seed': 'abc' is not a valid int; see ...`."""
     text = " ".join(part.strip() for part in exc.format_message().splitlines() if part.strip()).rstrip(".")
     text = text[:1].lower() + text[1:]
     ctx = getattr(exc, "ctx", None)

@@ -650,3 +650,15 @@ def test_repair_with_the_default_cdf_refit_does_not_import_scipy(work):
     assert "onnx_esvd.penalty" in mods and "onnx_esvd.lbfgs" in mods  # the cdf refit ran
     assert "scipy" not in _top_packages(mods), sorted(m for m in mods if m.startswith("scipy"))[:10]
     assert "numpy.ma" not in mods  # the ESVD's medians, the cdf thresholds and the bootstrap's percentiles
+
+
+@pytest.mark.parametrize("argv", [["layers", f"{SMALL}.onnx"], ["check", "--help"]], ids=["layers", "check-help"])
+def test_commands_do_not_import_pydantic(work, argv):
+    """typer 0.29 imports pydantic (about 0.1 s) whenever a command's parameters are converted; pyproject
+    holds typer below 0.29, and no command may pull pydantic in by another way."""
+    proc = _run_importtime(argv, work)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ("Gemm_2" in proc.stdout) if argv[0] == "layers" else ("--max-ks" in proc.stdout)
+    mods = _top_packages(_imported_modules(proc.stderr))
+    assert "typer" in mods  # the scan sees the imports at all
+    assert "pydantic" not in mods and "pydantic_core" not in mods, sorted(m for m in mods if "pydantic" in m)
