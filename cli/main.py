@@ -43,6 +43,10 @@ GroupsOpt = Annotated[Optional[str], typer.Option(
 TargetOpt = Annotated[Optional[str], typer.Option(
     "--target", help="Label column: enables MSE/MAE and the label-based refit.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", max=2**31 - 1, help="Rows per onnxruntime run.")]
+AutoBatchOpt = Annotated[Optional[int], typer.Option(
+    "--batch-size", max=2**31 - 1, show_default=False,
+    help="Rows per onnxruntime run (default 4096; fewer when the layer's or the final node's input is wider than "
+         "256, so that a batch of it stays at 8 MiB in float64).")]
 SpillDirOpt = Annotated[Optional[Path], typer.Option("--spill-dir", help="Directory of the temporary spill file that "
                                                      "spares later passes re-parsing a CSV (default: the system's "
                                                      "temporary directory; at most 4 GiB, then it re-parses).")]
@@ -197,7 +201,7 @@ def repair(
     ridge: RidgeOpt = "auto",
     holdout: HoldoutOpt = None,
     seed: SeedOpt = 0,
-    batch_size: BatchOpt = 4096,
+    batch_size: AutoBatchOpt = None,
     spill_dir: SpillDirOpt = None,
     no_spill: NoSpillOpt = False,
     output: Annotated[Optional[str], typer.Option("-o", "--output", help="Output file (default: MODEL stem + "
@@ -324,7 +328,7 @@ def sweep(
     ridge: RidgeOpt = "auto",
     holdout: HoldoutOpt = None,
     seed: SeedOpt = 0,
-    batch_size: BatchOpt = 4096,
+    batch_size: AutoBatchOpt = None,
     spill_dir: SpillDirOpt = None,
     no_spill: NoSpillOpt = False,
     plot: PlotOpt = None,

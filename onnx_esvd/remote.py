@@ -154,16 +154,17 @@ def _merge(partials: list) -> Any:
 
 
 def prepare_remote(loaded: Any, table: Any, layer_spec: int | str, spec: DataSpec, *, holdout: float,
-                   batch_size: int, seed: int, progress: Callable, refits: Sequence[str], bootstrap: int,
+                   batch_size: int | None, seed: int, progress: Callable, refits: Sequence[str], bootstrap: int,
                    layer_pass: Any, evaluate: Any = None) -> Any:
     """`pipeline._prepare` with pass 1 on the engine's workers: the same `_Prepared`, whose `remote` runs the
     later passes there too."""
     from .graph import read_weight
     from .guards import outputs_finite, stats_finite
-    from .pipeline import METADATA_KEY, _Prepared, resolve_repair
+    from .pipeline import METADATA_KEY, _Prepared, pass_batch_size, resolve_repair
 
     original = loaded.model
     score, _found, layer, final, others = resolve_repair(original, layer_spec, spec, refits)
+    batch_size = pass_batch_size(batch_size, layer, final)
     inputs = plan_inputs(original, table, spec)  # column errors here, once, before any task runs
     paths = data_files(table)
     eval_inputs = None if evaluate is None else plan_inputs(original, evaluate, spec)
@@ -229,7 +230,7 @@ def prepare_remote(loaded: Any, table: Any, layer_spec: int | str, spec: DataSpe
         close()
         raise
     return _Prepared(loaded, layer, final, spec, rows, cap, stats, read_weight(original, layer), before, notes, score,
-                     others, report_rows, 0.0 if evaluate is not None else holdout, remote=run)
+                     others, report_rows, 0.0 if evaluate is not None else holdout, remote=run, batch_size=batch_size)
 
 
 def capture_remote(engine: Any, scheduler: Any, model: onnx.ModelProto, data: Any, spec: DataSpec, score: Any,

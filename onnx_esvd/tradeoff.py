@@ -23,8 +23,8 @@ from .metrics import OutputMetrics
 from .modelio import load_model
 from .oof import DEFAULT_FOLDS, OofScore, oof_score
 from .refits import RefitSpec
-from .pipeline import (LayerPass, RepairOptions, RepairResult, _apply_refit, _collect_refit, _patched, _prepare,
-                       _refit_note, _refit_target_is_label, other_drifts, repair, resolve_holdout)
+from .pipeline import (BATCH_ROWS, LayerPass, RepairOptions, RepairResult, _apply_refit, _collect_refit, _patched,
+                       _prepare, _refit_note, _refit_target_is_label, other_drifts, repair, resolve_holdout)
 
 #: The default grid of `sweep` and of `repair --max-ks` (the paper benchmark's grid).
 C1_GRID: tuple[float, ...] = (1, 5, 15, 50, 150)
@@ -159,7 +159,7 @@ def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequen
           var_gap: Sequence[float] | None = None, lam: Sequence[float] | None = None, tune_layers: int | str = 1,
           refits: Sequence[RefitSpec] | None = None, eps: float = 1e-5, weights: str = "size",
           ridge: float | Literal["auto"] = "auto", holdout: float | None = None, seed: int = 0,
-          batch_size: int = 4096, evaluate: Any = None, dropna: bool = False, max_drift: float = 0.05,
+          batch_size: int | None = None, evaluate: Any = None, dropna: bool = False, max_drift: float = 0.05,
           progress: Any = None, folds: int | None = 0, engine: Any = "local", scheduler: Any = None) -> SweepResult:
     """Fit every (c1, c2, refit setting) on the fit rows and measure each on the holdout rows (or on every row
     of `evaluate`). Refit settings: `refit` modes with the `var_gap` (moments) and `lam` (cdf, w2) lists, or
@@ -188,6 +188,7 @@ def sweep(model: Any, data: Any, *, layer: int | str, group: str, groups: Sequen
     prep = _prepare(load_model(model), open_table(data), layer, spec, holdout=holdout, batch_size=batch_size,
                     seed=seed, progress=progress, refits=tuple(r.mode for r in settings),
                     evaluate=None if evaluate is None else open_table(evaluate), layer_pass=where)
+    options = dataclasses.replace(options, batch_size=prep.batch_size)
     try:
         return _sweep_points(prep, c1s, c2s, settings, options, holdout, folds, max_drift, seed, weights, progress)
     finally:
@@ -409,14 +410,14 @@ AUTO_CANDIDATES = 2
 
 def auto_layers(model: Any, data: Any, *, group: str, groups: Sequence[str] | None = None,
                 target: str | None = None, features: Sequence[str] | None = None, score: str | None = None,
-                eps: float = 1e-5, batch_size: int = 4096, dropna: bool = False, progress: Any = None,
+                eps: float = 1e-5, batch_size: int | None = None, dropna: bool = False, progress: Any = None,
                 **_ignored: Any) -> list[int]:
     """The layers `--layer auto` tries: audit's top-ranked ones and the second-last linear node (the paper's
     choice), in that order, without repeats."""
     from .explain import audit
 
     report = audit(model, data, group=group, groups=groups, target=target, features=features, score=score, eps=eps,
-                   batch_size=batch_size, dropna=dropna, progress=progress)
+                   batch_size=BATCH_ROWS if batch_size is None else batch_size, dropna=dropna, progress=progress)
     own = _own_layers(model, score)
     ranked = [a.layer.index for a in report.ranked() if a.rank is not None and a.layer.index in own][:AUTO_CANDIDATES]
     mine = [a for a in report.layers if a.layer.index in own]

@@ -309,3 +309,57 @@ def test_no_temporary_file_means_parsing_in_every_pass(csv_case, monkeypatch):
     monkeypatch.setattr(spill_mod.tempfile, "TemporaryFile", refuse)
     got = _run(model, data)
     assert all(np.array_equal(a, b) for a, b in zip(_weights(want), _weights(got)))
+
+
+def _wide_mlp(width: int) -> onnx.ModelProto:
+    """6 -> width -> width -> 1, float32."""
+    rng = np.random.default_rng(5)
+    widths = [6, width, width, 1]
+    nodes, inits, prev = [], [], "x"
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        inits += [numpy_helper.from_array((rng.normal(size=(b, a)) / np.sqrt(a)).astype(np.float32), f"W{i}"),
+                  numpy_helper.from_array((0.1 * rng.normal(size=b)).astype(np.float32), f"b{i}")]
+        out = "y" if i == len(widths) - 2 else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [prev, f"W{i}", f"b{i}"], [out], transB=1))
+        if out != "y":
+            nodes.append(helper.make_node("Relu", [out], [f"r{i}"]))
+            prev = f"r{i}"
+    graph = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_default_batch_size_shrinks_for_wide_inputs_only():
+    from onnx_esvd.graph import find_layers
+    from onnx_esvd.pipeline import pass_batch_size
+
+    for width, rows in ((8, 4096), (256, 4096), (300, 3495), (512, 2048), (1024, 1024), (4096, 512)):
+        found = find_layers(_wide_mlp(width))
+        layer, final = found.layers[1], found.layers[2]  # inputs: width, width
+        assert pass_batch_size(None, layer, final) == rows, width
+        assert pass_batch_size(777, layer, final) == 777  # --batch-size wins
+
+
+def test_repair_with_the_default_batch_uses_it_and_says_so(tmp_path, monkeypatch):
+    """A 512-wide layer: the default repair runs 2,048-row batches (same weights as asking for them), and the
+    JSON's options give the batch size that ran."""
+    model = tmp_path / "wide.onnx"
+    onnx.save(_wide_mlp(512), str(model))
+    rng = np.random.default_rng(2)
+    n = 5000
+    g = np.where(rng.random(n) < 0.4, "a", "b")
+    x = rng.normal(size=(n, 6)) + (g == "b")[:, None] * 0.7
+    data = {**{f"x_{j}": x[:, j] for j in range(6)}, "g": g, "y": x[:, 0] + rng.normal(size=n)}
+    import onnx_esvd.pipeline as pipeline_mod
+
+    seen: list[int] = []
+    real = pipeline_mod.open_rows
+    monkeypatch.setattr(pipeline_mod, "open_rows", lambda *a, **kw: seen.append(kw["batch_size"]) or real(*a, **kw))
+    auto = repair(str(model), data, layer=-2, group="g", target="y", refit="fair", bootstrap=0)
+    assert seen == [2048]
+    assert auto.to_dict()["options"]["batch_size"] == 2048
+    fixed = repair(str(model), data, layer=-2, group="g", target="y", refit="fair", bootstrap=0, batch_size=2048)
+    for a, b in zip(_weights(auto), _weights(fixed)):
+        assert np.array_equal(a, b)
