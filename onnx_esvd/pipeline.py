@@ -31,7 +31,7 @@ from .rows import DataSpec, RowReader, data_spec, open_rows, reader_notes
 from .data import Table, open_table
 from .metrics import OutputMetrics
 from .modelio import LoadedModel, check_output_path, load_model, save_model
-from .runtime import Runner
+from .runtime import Background, Runner
 from .score import OtherOutput, Score, other_outputs, resolve_score
 from . import refits
 from .refits import MIN_KEEP, PENALTY_MIN_KEEP, PENALTY_ROWS, SAMPLE_ROWS, RefitSpec
@@ -306,7 +306,7 @@ class _Prepared:
     cap: Any
     stats: GroupStats
     weight: np.ndarray
-    before: OutputMetrics
+    before_metrics: Any  # OutputMetrics, or a runtime.Background computing them (see `before`)
     notes: list[str]
     score: Score
     others: list[OtherOutput]
@@ -314,6 +314,13 @@ class _Prepared:
     report_holdout: float
     remote: Any = None  # remote.RemoteRun when every pass runs on an engine's workers
     batch_size: int = 4096  # rows per batch of every pass (pass_batch_size)
+
+    @property
+    def before(self) -> OutputMetrics:
+        """The original model's metrics on the report rows (waits for them if they are still being computed)."""
+        if isinstance(self.before_metrics, Background):
+            self.before_metrics = self.before_metrics.get()
+        return self.before_metrics
 
     @property
     def report_rows(self) -> str:
@@ -384,8 +391,13 @@ def _prepare(loaded: LoadedModel, table: Table, layer_spec: int | str, spec: Dat
         where = evaluate.name if evaluate is not None else table.name
         raise DataError(f"{where}: no rows were left for the report; lower --holdout or add rows")
     outputs_finite(cap.report, str(loaded.path or "the model"), score.output)
+    # the original's metrics (the KS and its bootstrap) are computed while the ESVD and the refit go on; nothing
+    # else touches cap.report until `_Prepared.before` is read, and the group labels are read here, before the
+    # reader's next pass
+    before = Background(cap.report.result, reader.group_labels(), reader.group_of_code(), bootstrap=bootstrap,
+                        seed=seed)
     return _Prepared(loaded, layer, final, spec, reader, cap, stats, read_weight(original, layer),
-                     capture_metrics(cap, reader, bootstrap=bootstrap, seed=seed), notes, score, others, report_reader,
+                     before, notes, score, others, report_reader,
                      0.0 if evaluate is not None else holdout, batch_size=batch_size)
 
 

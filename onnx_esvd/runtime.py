@@ -7,7 +7,7 @@ import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import onnx
@@ -177,6 +177,31 @@ def pipelined(items: Iterable[T], work: Callable[[T], R]) -> Iterator[tuple[T, R
             close = getattr(it, "close", None)
             if close is not None:
                 close()
+
+
+class Background(Generic[R]):
+    """`fn(*args, **kwargs)` computed in a thread while the caller goes on; `get()` waits for it and returns it,
+    or raises its error. The before-report's metrics (the KS and its bootstrap) run so on the core that the ESVD
+    and the penalised refit leave idle (they use one BLAS thread)."""
+
+    def __init__(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args, kwargs), name="onnx-esvd-metrics",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., R], args: tuple, kwargs: dict) -> None:
+        try:
+            self._value = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller of get()
+            self._error = exc
+
+    def get(self) -> R:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _wait_quietly(future) -> None:

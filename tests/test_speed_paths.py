@@ -363,3 +363,18 @@ def test_repair_with_the_default_batch_uses_it_and_says_so(tmp_path, monkeypatch
     fixed = repair(str(model), data, layer=-2, group="g", target="y", refit="fair", bootstrap=0, batch_size=2048)
     for a, b in zip(_weights(auto), _weights(fixed)):
         assert np.array_equal(a, b)
+
+
+def test_background_returns_the_value_or_raises_the_error_off_the_main_thread():
+    from onnx_esvd.runtime import Background
+
+    where = []
+    job = Background(lambda a, b=0: where.append(threading.current_thread().name) or a + b, 2, b=3)
+    assert job.get() == 5 and job.get() == 5
+    assert where == ["onnx-esvd-metrics"]
+
+    def fails():
+        raise OptionError("bad value")
+
+    with pytest.raises(OptionError, match="bad value"):
+        Background(fails).get()
