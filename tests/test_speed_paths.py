@@ -378,3 +378,28 @@ def test_background_returns_the_value_or_raises_the_error_off_the_main_thread():
 
     with pytest.raises(OptionError, match="bad value"):
         Background(fails).get()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 60), k=st.integers(2, 4), f32=st.booleans())
+def test_refit_accumulator_equals_masked_moments_bit_for_bit(seed, n, k, f32):
+    """The refit pass's one sorted gather gives every (part, group) accumulator exactly the rows, in the order, that
+    a masked copy per part and group gives."""
+    from onnx_esvd.refit import RefitAccumulator
+    from onnx_esvd.stats import Moments
+
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 5)).astype(np.float32 if f32 else np.float64)
+    t = rng.normal(size=(n, 2))
+    code = rng.integers(0, k, size=n)
+    in_val = rng.random(n) < 0.3
+    acc = RefitAccumulator(5, 2, k)
+    acc.add(z, t, code, in_val)
+    u = np.hstack([z.astype(np.float64), t])
+    for part, pmask in (("train", ~in_val), ("val", in_val)):
+        for g in range(k):
+            want = Moments(7)
+            want.add(u[pmask & (code == g)])
+            got = acc.parts[(part, g)]
+            assert got.n == want.n
+            assert np.array_equal(got.mean, want.mean) and np.array_equal(got.scatter, want.scatter)
