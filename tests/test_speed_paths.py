@@ -26,9 +26,9 @@ from onnx_esvd.runtime import one_blas_thread, pipelined
 from onnx_esvd.spill import SpillFile, spill_options
 
 
-def _mlp(seed: int = 0) -> onnx.ModelProto:
+def _mlp(seed: int = 0, widths: tuple[int, ...] = (6, 12, 8, 1)) -> onnx.ModelProto:
+    """A float32 Gemm/Relu MLP with these widths (input 6)."""
     rng = np.random.default_rng(seed)
-    widths = [6, 12, 8, 1]
     nodes, inits, prev = [], [], "x"
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
         inits += [numpy_helper.from_array((rng.normal(size=(b, a)) / np.sqrt(a)).astype(np.float32), f"W{i}"),
@@ -313,22 +313,7 @@ def test_no_temporary_file_means_parsing_in_every_pass(csv_case, monkeypatch):
 
 def _wide_mlp(width: int) -> onnx.ModelProto:
     """6 -> width -> width -> 1, float32."""
-    rng = np.random.default_rng(5)
-    widths = [6, width, width, 1]
-    nodes, inits, prev = [], [], "x"
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        inits += [numpy_helper.from_array((rng.normal(size=(b, a)) / np.sqrt(a)).astype(np.float32), f"W{i}"),
-                  numpy_helper.from_array((0.1 * rng.normal(size=b)).astype(np.float32), f"b{i}")]
-        out = "y" if i == len(widths) - 2 else f"h{i}"
-        nodes.append(helper.make_node("Gemm", [prev, f"W{i}", f"b{i}"], [out], transB=1))
-        if out != "y":
-            nodes.append(helper.make_node("Relu", [out], [f"r{i}"]))
-            prev = f"r{i}"
-    graph = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return _mlp(5, (6, width, width, 1))
 
 
 def test_default_batch_size_shrinks_for_wide_inputs_only():
