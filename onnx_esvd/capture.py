@@ -78,32 +78,29 @@ class FirstPass:
     def __init__(self, model: onnx.ModelProto, layers: Sequence[LinearLayer], score: Score, holdout: float, *,
                  report: bool) -> None:
         tensors = [(layer.input, layer.elem_type) for layer in layers]
-        self.full = score_runner(model, score, tensors)
-        # with --holdout 0 every fit row is a report row: then nothing runs the cut
+        # with --holdout 0 every fit row is a report row: then nothing runs the cut. Where the cut runs, the fit
+        # rows (u >= holdout) and the report rows (u < holdout) are apart, and without a report the whole model
+        # is not needed
         cut = upstream(model, tensors) if tensors and (holdout > 0 or not report) else None
         self.cut = None if cut is None else Runner(cut, list(dict.fromkeys(name for name, _ in tensors)))
+        self.full = score_runner(model, score, tensors) if report or self.cut is None else None
         self.holdout, self.report = holdout, report
 
     def parts(self, rows: Rows) -> list[tuple[Rows, dict, bool]]:
         if self.cut is None:
             return [(rows, self.full.run(rows.feeds), True)]
-        fit = rows.u >= self.holdout
-        measured = report_mask(rows, self.holdout) if self.report else np.zeros(len(fit), dtype=bool)
-        alone = fit & ~measured
-        if not alone.any():
-            return [(rows, self.full.run(rows.feeds), True)]
         out = []
-        part = rows if alone.all() else rows.take(alone)
-        out.append((part, self.cut.run(part.feeds), False))
-        if measured.any():
-            part = rows.take(measured)
-            out.append((part, self.full.run(part.feeds), True))
+        measured = report_mask(rows, self.holdout) if self.report else np.zeros(len(rows.u), dtype=bool)
+        for keep, runner, whole in ((rows.u >= self.holdout, self.cut, False), (measured, self.full, True)):
+            if keep.any():
+                part = rows if keep.all() else rows.take(keep)
+                out.append((part, runner.run(part.feeds), whole))
         return out
 
     def close(self) -> None:
-        self.full.close()
-        if self.cut is not None:
-            self.cut.close()
+        for runner in (self.full, self.cut):
+            if runner is not None:
+                runner.close()
 
 
 def capture(model: onnx.ModelProto, layers: Sequence[LinearLayer], reader: RowReader, holdout: float,
@@ -113,7 +110,7 @@ def capture(model: onnx.ModelProto, layers: Sequence[LinearLayer], reader: RowRe
     runner = FirstPass(model, layers, score, holdout, report=report)
     cap = Capture(moments={layer.index: [] for layer in layers})
     done = 0
-    for _, parts in pipelined(reader(first_pass=True), runner.parts):
+    for batch, parts in pipelined(reader(first_pass=True), runner.parts):
         for rows, out, whole in parts:
             n = len(rows.code)
             fit = rows.u >= holdout
@@ -132,7 +129,7 @@ def capture(model: onnx.ModelProto, layers: Sequence[LinearLayer], reader: RowRe
             if in_report is not None and in_report.any():
                 cap.report.add(score.take(out[score.tensor], n)[in_report], rows.code[in_report],
                                None if rows.target is None else rows.target[in_report], priority=rows.u[in_report])
-            done += n
+        done += len(batch.code)
         progress("capture", done)
     runner.close()
     if reader.total == 0:

@@ -357,9 +357,6 @@ class MeanGapCholesky:
         """V S^-1 for `v: [r, d]` (S^T X^T = V^T: LU of a triangular matrix, so back-substitution)."""
         return np.linalg.solve(self.l.T, v.T).T
 
-    def matrix(self) -> np.ndarray:
-        return self.l
-
 
 def mean_gap_factor(delta: np.ndarray, eps: float) -> MeanGapRoot | MeanGapCholesky:
     """A factor S of M = B + eps I (S S^T = M): the symmetric square root (`MeanGapRoot`) from d >= GRAM_FROM,

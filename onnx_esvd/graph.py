@@ -548,15 +548,12 @@ def upstream(model: onnx.ModelProto, tensors: Iterable[tuple[str, int]]) -> onnx
     g = out.graph
     nodes = [graph.node[i] for i in sorted(keep)]
     read = {name for node in nodes for name in node.input if name}
-    dropped = {t.name for t in graph.initializer if t.name not in read}
-    del g.node[:]
-    g.node.extend(nodes)
-    inits = [t for t in graph.initializer if t.name not in dropped]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    inputs = [i for i in graph.input if i.name not in dropped]  # an initializer listed as an input goes with it
-    del g.input[:]
-    g.input.extend(inputs)
+    dropped = {t.name for t in graph.initializer} - read
+    for field, kept in ((g.node, nodes), (g.initializer, [t for t in graph.initializer if t.name in read]),
+                        # an initializer listed as a graph input goes with it
+                        (g.input, [i for i in graph.input if i.name not in dropped])):
+        del field[:]
+        field.extend(kept)
     del g.output[:]
     g.output.extend(onnx.helper.make_tensor_value_info(name, elem_type, None) for name, elem_type in wanted)
     return out
