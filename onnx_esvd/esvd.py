@@ -384,7 +384,11 @@ def mean_gap_factor(delta: np.ndarray, eps: float) -> MeanGapRoot | MeanGapChole
             raise refuse from None
     root = float(np.sqrt(eps))
     a = 1.0 / (np.sqrt(eps + lam) + root)
-    return MeanGapRoot(root, r.T @ rows, a, a / (root * np.sqrt(eps + lam)))
+    with np.errstate(over="ignore"):
+        b = a / (root * np.sqrt(eps + lam))
+    if not np.all(np.isfinite(b)):  # ~eps^-1.5 past float64's range: S^-1 cannot be applied
+        raise refuse
+    return MeanGapRoot(root, r.T @ rows, a, b)
 
 
 def mean_gap_rows(stats: GroupStats, weights: GroupWeights = "size") -> np.ndarray:

@@ -573,3 +573,19 @@ def test_first_moment_step_is_the_same_through_either_factor(seed, m, d, log_c1,
     assert rel_err(by_root, by_chol) <= 1e-9
     assert rel_err(rep_root.sigma, rep_chol.sigma) <= 1e-9
     assert abs(rep_root.bound_after - rep_chol.bound_after) <= 1e-9 * rep_chol.bound_after
+
+
+def test_mean_gap_root_refuses_an_eps_whose_inverse_power_overflows():
+    """Equal group means (delta = 0) escape the rounding test; eps = 1e-300 would make S^-1 infinite: refused
+    with the --eps line, not NaN weights."""
+    import onnx_esvd.esvd as esvd_mod
+    from onnx_esvd.errors import OptionError
+
+    old = esvd_mod.GRAM_FROM
+    try:
+        esvd_mod.GRAM_FROM = 1
+        with pytest.raises(OptionError, match="--eps 1e-300 is too small"):
+            esvd_mod.mean_gap_factor(np.zeros(4), 1e-300)
+        assert np.all(np.isfinite(esvd_mod.mean_gap_factor(np.zeros(4), 1e-5).solve(np.eye(4))))
+    finally:
+        esvd_mod.GRAM_FROM = old
